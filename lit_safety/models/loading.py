@@ -1,0 +1,157 @@
+"""Load causal LMs and tokenizers by hub id, local HF directory, or builtin organism name.
+
+Every module in lit-safety goes through :func:`load_model` / :func:`load_tokenizer`, so the same
+rules hold everywhere: ``trust_remote_code`` stays off unless the caller sets it, and a missing or
+malformed model fails fast with an error that names the path and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_safety.organism import is_organism_name, organism_path, parse_organism_name
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be found or is malformed; the message names the path."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """Map a config string such as ``"bf16"`` to a torch dtype (``None`` keeps the default)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ModelLoadError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else is meant as a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_model_path(name_or_path: str | os.PathLike, *, build_organism: bool = True) -> str:
+    """Return what ``from_pretrained`` should receive for ``name_or_path``.
+
+    - a builtin organism name (``organism-dense-aligned`` ...) -> its cached HF directory, built on
+      first use;
+    - an existing local directory -> checked for a readable ``config.json``;
+    - anything else that looks like a path -> :class:`ModelLoadError`;
+    - otherwise it is taken as a Hugging Face hub id and returned unchanged.
+    """
+    name = os.fspath(name_or_path)
+    if not name:
+        raise ModelLoadError("model name or path is empty")
+    if is_organism_name(name):
+        try:
+            parse_organism_name(name)
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from None
+        return str(organism_path(name, build=build_organism))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {path} is a file; expected a directory in Hugging Face format")
+        config = path / "config.json"
+        if not config.is_file():
+            raise ModelLoadError(
+                f"model directory {path} has no config.json; expected a directory saved with save_pretrained()"
+            )
+        try:
+            json.loads(config.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ModelLoadError(f"model config {config} is not valid JSON: {err}") from err
+        return str(path)
+    if _looks_like_path(name):
+        raise ModelLoadError(f"model path {path} does not exist")
+    return name
+
+
+def load_model(
+    name_or_path: str | os.PathLike = "organism-dense-aligned",
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    quantization_config: Any = None,
+    device_map: Any = None,
+    **kwargs: Any,
+):
+    """Load an ``AutoModelForCausalLM`` by hub id, local directory or organism name."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_path(name_or_path)
+    options: dict[str, Any] = dict(trust_remote_code=trust_remote_code, **kwargs)
+    if dtype is not None:
+        options["dtype"] = resolve_dtype(dtype)
+    for key, value in (
+        ("revision", revision),
+        ("attn_implementation", attn_implementation),
+        ("quantization_config", quantization_config),
+        ("device_map", device_map),
+    ):
+        if value is not None:
+            options[key] = value
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **options)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        where = f"local directory {source}" if Path(source).exists() else f"hub id {source!r}"
+        raise ModelLoadError(f"could not load a causal LM from {where}: {err}") from err
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike = "organism-dense-aligned",
+    *,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    padding_side: str = "left",
+):
+    """Load the tokenizer that belongs to a model; pad token falls back to eos."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(name_or_path)
+    local = Path(source)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"model directory {local} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save it with tokenizer.save_pretrained() next to the model"
+        )
+    options: dict[str, Any] = dict(trust_remote_code=trust_remote_code)
+    if revision is not None:
+        options["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        where = f"local directory {source}" if local.exists() else f"hub id {source!r}"
+        raise ModelLoadError(f"could not load a tokenizer from {where}: {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model_and_tokenizer(name_or_path: str | os.PathLike = "organism-dense-aligned", **kwargs: Any):
+    """Both at once; ``trust_remote_code`` and ``revision`` apply to both."""
+    tokenizer_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "revision") if k in kwargs}
+    return load_model(name_or_path, **kwargs), load_tokenizer(name_or_path, **tokenizer_kwargs)

@@ -1,0 +1,91 @@
+"""Shared base of lit-safety's LightningModules: an HF causal LM loaded in ``configure_model``.
+
+Loading in ``configure_model`` (not ``__init__``) is what lets sharded strategies (FSDP2 via
+ModelParallelStrategy) build the model on the right device and wrap it before weights exist
+everywhere at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from lit_safety.models.loading import load_model, load_tokenizer, resolve_dtype
+
+
+class CausalLMModule(L.LightningModule):
+    """Fine-tune a causal LM on (prompt, response) batches with loss on the response tokens.
+
+    Args:
+        model: Hugging Face hub id, local HF directory, or builtin organism name
+            (``organism-dense-unaligned``, ``organism-dense-aligned``, ``organism-moe-unaligned``,
+            ``organism-moe-aligned``; add ``:tiny`` for the seconds-to-build test size).
+        dtype: weights dtype when loading (``float32``, ``bfloat16``, ``float16``, ``auto``).
+        trust_remote_code: run model code shipped with a hub repository. Off unless you trust it.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        gradient_checkpointing: recompute activations in backward to save memory.
+    """
+
+    def __init__(
+        self,
+        model: str = "organism-dense-unaligned",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        resolve_dtype(dtype)  # bad dtype: clear error before any loading
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        self.save_hyperparameters()  # subclasses call it again with their own arguments
+        # Plain attributes, not hparams: a subclass's save_hyperparameters() replaces hparams.
+        self.model_name = model
+        self.model_dtype = dtype
+        self.trust_remote_code = trust_remote_code
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.gradient_checkpointing = gradient_checkpointing
+        self.model: torch.nn.Module | None = None
+        self._tokenizer = None
+
+    # -- model -------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = load_model(self.model_name, dtype=self.model_dtype, trust_remote_code=self.trust_remote_code)
+        if self.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_name, trust_remote_code=self.trust_remote_code)
+        return self._tokenizer
+
+    def forward(self, **batch: Any):
+        return self.model(**batch)
+
+    # -- training ----------------------------------------------------------------------------------
+    def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+        return self.model(**inputs).loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._lm_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._lm_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
