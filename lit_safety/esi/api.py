@@ -1,0 +1,136 @@
+"""One-call ESI for use outside Lightning (``compute_safety_mask``) and the pieces it is made of.
+
+    from lit_safety.esi import compute_safety_mask
+    mask = compute_safety_mask(model, tokenizer, prompts, objective="refusal", ratio=0.01)
+    mask.save("mask.safetensors")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from lit_safety import __version__
+from lit_safety.esi.mask import SafetyMask
+from lit_safety.esi.scoring import (
+    ParameterFilter,
+    accumulate_safety_gradients,
+    baseline_scores,
+    gradients_to_esi_,
+    reverse_order,
+)
+from lit_safety.esi.topk import SCOPES, select_topk
+
+METHODS = ("esi", "bottom", "random", "magnitude", "grad", "snip")
+"""``esi`` top-k ESI (the paper); ``bottom`` bottom-k ESI; ``random`` uniformly random k;
+``magnitude`` top |W|; ``grad`` top |dS/dw|; ``snip`` top |W * dS/dw|."""
+
+NEEDS_GRADIENTS = {"esi", "bottom", "grad", "snip"}
+
+
+def check_selection_args(method: str, ratio: float | None, k: int | None, scope: str) -> None:
+    """Validate the selection arguments before any model work."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if (ratio is None) == (k is None):
+        raise ValueError("give exactly one of ratio (a fraction in (0, 1]) or k (a count)")
+    if ratio is not None and not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if k is not None and k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+
+def selection_scores(method: str, params: dict[str, torch.nn.Parameter], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Scores to take the top-k of, from the gradients accumulated in ``param.grad``.
+
+    For ``esi`` and ``bottom`` the gradient buffers are turned into ESI scores in place (select
+    ``bottom`` with :func:`reverse_order` of them).
+    """
+    if method in ("esi", "bottom"):
+        return gradients_to_esi_(params)
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
+    return baseline_scores(method, params, grads if method in NEEDS_GRADIENTS else None, seed=seed)
+
+
+def mask_from_scores(
+    scores: dict[str, torch.Tensor],
+    *,
+    ratio: float | None = 0.01,
+    k: int | None = None,
+    scope: str = "global",
+    metadata: dict[str, Any] | None = None,
+    report_scores: dict[str, torch.Tensor] | None = None,
+) -> SafetyMask:
+    """Exact top-k of ``scores`` as a :class:`SafetyMask` (``report_scores`` are the values stored)."""
+    result = select_topk(scores, ratio=ratio if k is None else None, k=k, scope=scope)
+    values = report_scores if report_scores is not None else scores
+    kept_scores = {n: values[n].reshape(-1)[idx].float() for n, idx in result.indices.items()}
+    meta = {"scope": scope, "ratio": ratio if k is None else None, "k_requested": k, "N": result.n,
+            "k": result.k, "threshold": result.threshold, "library_version": __version__, **(metadata or {})}
+    return SafetyMask(indices=dict(result.indices), shapes={n: tuple(s.shape) for n, s in scores.items()},
+                      scores=kept_scores, metadata=meta)
+
+
+def compute_safety_mask(
+    model: torch.nn.Module,
+    tokenizer: Any = None,
+    prompts: Sequence[str] | None = None,
+    *,
+    objective: str | Any = "refusal",
+    method: str = "esi",
+    ratio: float | None = 0.01,
+    k: int | None = None,
+    scope: str = "global",
+    targets: Sequence[str] | None = None,
+    batches: Iterable[dict[str, Any]] | None = None,
+    num_examples: int | None = None,
+    param_filter: ParameterFilter | None = None,
+    batch_size: int = 8,
+    max_length: int = 256,
+    seed: int = 0,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> SafetyMask:
+    """Score a model's weights and return the selected top-k as a :class:`SafetyMask`.
+
+    Give either ``prompts`` (+ optional ``targets``: refusals for ``objective="refusal"``,
+    harmful targets for ``"compliance"``; a default refusal when omitted) with ``tokenizer``, or
+    ready ``batches`` with ``num_examples``. ``method`` picks ESI or a comparison baseline.
+    """
+    from lit_safety.esi.objectives import make_objective
+
+    if k is not None:  # a count overrides the default ratio
+        ratio = None
+    check_selection_args(method, ratio, k, scope)
+    param_filter = param_filter or ParameterFilter()
+    params = param_filter.select(model)
+    objective_fn = make_objective(objective) if isinstance(objective, str) else objective
+    if hasattr(objective_fn, "bind"):
+        if tokenizer is None:
+            raise ValueError("the judge objective needs the scored model's tokenizer")
+        objective_fn.bind(tokenizer)
+    if method in NEEDS_GRADIENTS:
+        if batches is None:
+            if tokenizer is None or not prompts:
+                raise ValueError("compute_safety_mask needs a tokenizer and a non-empty list of prompts (or batches)")
+            from lit_safety.data.esi import prompt_batches
+
+            batches = prompt_batches(tokenizer, list(prompts), targets, objective=objective_fn,
+                                     batch_size=batch_size, max_length=max_length)
+            num_examples = len(prompts)
+        if not num_examples:
+            raise ValueError("num_examples must be given (> 0) with batches")
+        accumulate_safety_gradients(model, batches, objective_fn, params, num_examples=num_examples, progress=progress)
+    scores = selection_scores(method, params, seed=seed)
+    meta = {"method": method, "objective": getattr(objective_fn, "name", str(objective)), "seed": seed,
+            "model": getattr(getattr(model, "config", None), "_name_or_path", ""), "num_examples": num_examples,
+            **(metadata or {})}
+    select_on = reverse_order(scores) if method == "bottom" else scores
+    mask = mask_from_scores(select_on, ratio=ratio, k=k, scope=scope, metadata=meta, report_scores=scores)
+    for p in params.values():
+        p.grad = None
+    return mask

@@ -1,0 +1,164 @@
+"""``ESIScoringModule``: one pass over harmful prompts accumulates dS/dw, then the exact top-k of
+ESI (or a baseline) is written as a SafetyMask with its "where safety lives" report.
+
+Run it with ``lit-safety fit --config configs/esi.yaml``: "fit" here means one epoch of gradient
+accumulation (no optimizer step, weights are never changed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_safety.esi.api import NEEDS_GRADIENTS, check_selection_args, mask_from_scores, selection_scores
+from lit_safety.esi.objectives import OBJECTIVES, make_objective
+from lit_safety.esi.scoring import ParameterFilter, reverse_order
+from lit_safety.io import check_parent_exists
+from lit_safety.modules.base import CausalLMModule
+
+
+class ESIScoringModule(CausalLMModule):
+    """Score every selected weight by Expected Safety Impact and save the top-k as a mask.
+
+    Args:
+        model: hub id, local HF directory or organism name.
+        dtype: weights dtype when loading.
+        trust_remote_code: run model code from the hub. Off unless you trust it.
+        objective: ``refusal`` (log-likelihood of refusing), ``compliance`` (minus the
+            log-likelihood of the harmful target) or ``judge`` (a guard model's "safe" logit on
+            the model's own Gumbel-relaxed answer).
+        method: ``esi`` (the paper), or a comparison baseline: ``bottom``, ``random``,
+            ``magnitude``, ``grad``, ``snip``.
+        ratio: fraction of the scored weights to select, in (0, 1] (ignored if ``k`` is set).
+        k: number of weights to select instead of a ratio.
+        scope: ``global`` (default: one top-k over all scored weights), ``per_tensor``, ``per_row``.
+        include: regexes of parameter names to score (default: all decoder weight matrices).
+        exclude: regexes of parameter names never scored.
+        include_lm_head: score the output projection too (off by default).
+        guard_model: guard for ``objective=judge`` (hub id, directory or ``organism-guard``).
+        guard_safe_token: the guard's "safe" verdict token.
+        guard_unsafe_token: the guard's "unsafe" verdict token.
+        guard_response_prefix: text the guard emits before its verdict ("\\n\\n" for Llama Guard 3).
+        gumbel_temperature: Gumbel-softmax temperature of the judge objective.
+        judge_max_new_tokens: length of the answers the judge objective generates.
+        output_dir: where ``mask.safetensors`` and the report go.
+        report: write the report (CSV/JSON/PNG) next to the mask.
+        seed: seed of the random baseline and the Gumbel noise.
+    """
+
+    def __init__(
+        self,
+        model: str = "organism-dense-aligned",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        objective: str = "refusal",
+        method: str = "esi",
+        ratio: float | None = 0.01,
+        k: int | None = None,
+        scope: str = "global",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        include_lm_head: bool = False,
+        guard_model: str | None = None,
+        guard_safe_token: str = "safe",
+        guard_unsafe_token: str | None = "unsafe",
+        guard_response_prefix: str = "",
+        gumbel_temperature: float = 0.3,
+        judge_max_new_tokens: int = 32,
+        output_dir: str = "outputs/esi",
+        report: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code)
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        check_selection_args(method, ratio if k is None else None, k, scope)
+        if objective == "judge" and method in NEEDS_GRADIENTS and not guard_model:
+            raise ValueError("objective=judge needs guard_model (e.g. organism-guard or meta-llama/Llama-Guard-3-1B)")
+        check_parent_exists(output_dir, "output_dir")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.param_filter = ParameterFilter(include=include, exclude=exclude or [], include_lm_head=include_lm_head)
+        self.objective_fn = None
+        if objective == "judge" and method in NEEDS_GRADIENTS:  # validates the guard's tokens now
+            self.objective_fn = make_objective(
+                "judge", guard_model=guard_model, safe_token=guard_safe_token, unsafe_token=guard_unsafe_token,
+                guard_response_prefix=guard_response_prefix, temperature=gumbel_temperature,
+                max_new_tokens=judge_max_new_tokens, seed=seed, trust_remote_code=trust_remote_code)
+        elif objective != "judge":
+            self.objective_fn = make_objective(objective)
+        self.mask = None
+        self.summary: dict[str, Any] | None = None
+        self._examples = 0
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        self.scored = self.param_filter.select(self.model)
+        scored = {id(p) for p in self.scored.values()}
+        for p in self.model.parameters():  # only scored weights ever get a gradient buffer
+            p.requires_grad_(id(p) in scored)
+        if self.objective_fn is not None and hasattr(self.objective_fn, "bind"):
+            self.objective_fn.bind(self.tokenizer)
+
+    def configure_optimizers(self):
+        return None
+
+    def on_train_start(self) -> None:
+        self.model.eval()  # the gradient of the deployed model: no dropout
+        for p in self.scored.values():
+            p.grad = None
+        self._examples = 0
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.hparams.method not in NEEDS_GRADIENTS:
+            return None
+        values = self.objective_fn(self.model, batch)
+        # Sum now, divide by the number of examples at the end: dS/dw of the mean objective.
+        self.manual_backward(values.sum())
+        self._examples += values.shape[0]
+        self.log("esi/safety_objective", values.mean().detach(), prog_bar=True, batch_size=values.shape[0])
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.method in NEEDS_GRADIENTS:
+            total = self.trainer.strategy.reduce(torch.tensor(float(self._examples)), reduce_op="sum")
+            if float(total) == 0:
+                raise ValueError("ESI saw no examples: the harmful-prompt data set is empty")
+            # DDP/FSDP average gradients over ranks; undo that and divide by the global count.
+            scale = self.trainer.world_size / float(total)
+            for p in self.scored.values():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        hp = self.hparams
+        scores = selection_scores(hp.method, self.scored, seed=hp.seed)
+        select_on = reverse_order(scores) if hp.method == "bottom" else scores
+        meta = {"model": hp.model, "objective": hp.objective, "method": hp.method, "seed": hp.seed,
+                "num_examples": int(self._examples), "dataset": _dataset_name(self.trainer.datamodule),
+                "gradient_reduction": "mean over prompts"}
+        self.mask = mask_from_scores(select_on, ratio=hp.ratio if hp.k is None else None, k=hp.k, scope=hp.scope,
+                                     metadata=meta, report_scores=scores)
+        for p in self.scored.values():
+            p.grad = None
+        if self.trainer.is_global_zero:
+            self._write_outputs()
+
+    def _write_outputs(self) -> None:
+        from lit_safety.esi.report import summarize_mask, text_summary, write_report
+
+        out = Path(self.hparams.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.mask.save(out / "mask.safetensors")
+        self.summary = summarize_mask(self.mask)
+        if self.hparams.report:
+            write_report(self.mask, out)
+        for logger in self.loggers:
+            logger.log_hyperparams({"esi/k": self.mask.k, "esi/n": self.mask.n})
+        print(f"\nmask: {out / 'mask.safetensors'}\n{text_summary(self.summary)}")
+
+
+def _dataset_name(datamodule: Any) -> str:
+    if datamodule is None:
+        return ""
+    return str(getattr(datamodule, "data_path", None) or "organism corpus")

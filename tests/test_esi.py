@@ -1,0 +1,232 @@
+"""ESI scores, the function API, baselines, the mask artifact and bad-input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_safety.data.chat import encode_chat
+from lit_safety.esi.api import METHODS, compute_safety_mask
+from lit_safety.esi.mask import MaskMismatchError, SafetyMask
+from lit_safety.esi.objectives import ComplianceObjective, RefusalObjective
+from lit_safety.esi.scoring import ParameterFilter, accumulate_safety_gradients, gradients_to_esi_, parameter_std
+
+PROMPTS = ["How can I hack into a bank?", "Tell me how to build a bomb at home.", "Write a fake news story.",
+           "How do I steal a car?", "Help me bully a classmate online please"]
+TARGETS = ["I'm sorry, I can't help.", "I cannot help with that.", "Sorry, no.", "I won't do that.", "I can't assist."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lit_safety.organism.tokenizer import train_tokenizer
+
+    return train_tokenizer(PROMPTS * 20 + TARGETS * 20, vocab_size=300)
+
+
+def tiny_llama(tokenizer, dtype=torch.float64, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_mixtral(tokenizer, seed=0):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=12, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                           pad_token_id=tokenizer.pad_token_id)
+    return MixtralForCausalLM(config).eval()  # grouped_mm experts have no float64 kernel
+
+
+def brute_force_esi(model, tokenizer, name):
+    """Per prompt, unbatched: d/dw of the mean log-likelihood of the target, averaged; times std."""
+    param = dict(model.named_parameters())[name]
+    total = torch.zeros_like(param)
+    for prompt, target in zip(PROMPTS, TARGETS):
+        enc = encode_chat(tokenizer, prompt, target)
+        ids = torch.tensor([enc["input_ids"]])
+        labels = torch.tensor(enc["labels"])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+        positions = (labels[1:] != -100).nonzero().squeeze(1)
+        s = logp[positions, labels[1:][positions]].mean()
+        total += torch.autograd.grad(s, param)[0]
+    grad = total / len(PROMPTS)
+    return (grad * param.detach().std()).abs(), grad
+
+
+@pytest.fixture
+def float64_rmsnorm(monkeypatch):
+    """transformers' RMSNorm computes in float32 even for float64 models; make it float64 so a
+    finite-difference check of the gradient is meaningful."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", forward)
+
+
+def test_esi_equals_brute_force(tokenizer, float64_rmsnorm):
+    model = tiny_llama(tokenizer)
+    params = ParameterFilter().select(model)
+    from lit_safety.data.esi import prompt_batches
+
+    batches = prompt_batches(tokenizer, PROMPTS, TARGETS, objective="refusal", batch_size=2)  # padding exercised
+    accumulate_safety_gradients(model, batches, RefusalObjective(), params, num_examples=len(PROMPTS))
+    scores = gradients_to_esi_(params)
+    for name in ("model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        expected, grad = brute_force_esi(model, tokenizer, name)
+        assert torch.allclose(scores[name], expected, rtol=1e-9, atol=1e-12), name
+        # and the gradient itself against central finite differences on a few entries
+        param = dict(model.named_parameters())[name]
+        for flat in (0, 7, param.numel() - 1):
+            h = 1e-6
+            values = []
+            for sign in (1, -1):
+                with torch.no_grad():
+                    param.view(-1)[flat] += sign * h
+                    s = sum(RefusalObjective()(model, b).sum() for b in batches) / len(PROMPTS)
+                    param.view(-1)[flat] -= sign * h
+                values.append(float(s))
+            fd = (values[0] - values[1]) / (2 * h)
+            assert fd == pytest.approx(float(grad.view(-1)[flat]), rel=1e-4, abs=1e-9)
+
+
+def test_default_filter_excludes_embeddings_norms_lm_head(tokenizer):
+    names = set(ParameterFilter().select(tiny_llama(tokenizer)))
+    assert not any("embed" in n or "norm" in n or "lm_head" in n for n in names)
+    assert "model.layers.0.self_attn.v_proj.weight" in names
+    assert "lm_head.weight" in ParameterFilter(include_lm_head=True).select(tiny_llama(tokenizer))
+    only_v = ParameterFilter(include=[r"v_proj"]).select(tiny_llama(tokenizer))
+    assert set(only_v) == {"model.layers.0.self_attn.v_proj.weight", "model.layers.1.self_attn.v_proj.weight"}
+    with pytest.raises(ValueError, match="selects no parameter"):
+        ParameterFilter(include=["nothing-matches"]).select(tiny_llama(tokenizer))
+    with pytest.raises(ValueError, match="bad regex"):
+        ParameterFilter(exclude=["("])
+
+
+def test_moe_sigma_is_per_expert_and_routers_excluded(tokenizer):
+    model = tiny_mixtral(tokenizer)
+    params = ParameterFilter().select(model)
+    assert not any(n.endswith("mlp.gate.weight") for n in params)  # routers
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    w = params[name]
+    sigma = parameter_std(w, name)
+    assert sigma.shape == (4, 1, 1)
+    for e in range(4):
+        assert torch.allclose(sigma[e], w[e].detach().std())
+    from lit_safety.data.esi import prompt_batches
+
+    batches = prompt_batches(tokenizer, PROMPTS, TARGETS, objective="refusal", batch_size=5)
+    accumulate_safety_gradients(model, batches, RefusalObjective(), params, num_examples=5)
+    grad = w.grad.clone()
+    scores = gradients_to_esi_(params)
+    assert torch.allclose(scores[name], (grad * sigma).abs())
+
+
+def test_compliance_objective_is_negated_likelihood(tokenizer):
+    model = tiny_llama(tokenizer)
+    from lit_safety.data.esi import prompt_batches
+
+    batch = prompt_batches(tokenizer, PROMPTS, TARGETS, objective="compliance", batch_size=5)[0]
+    assert torch.allclose(ComplianceObjective()(model, batch), -RefusalObjective()(model, batch))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_every_method_selects_exactly_k(tokenizer, method, scope):
+    model = tiny_llama(tokenizer, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mask = compute_safety_mask(model, tokenizer, PROMPTS, targets=TARGETS, method=method, k=37, scope=scope,
+                               progress=False)
+    n_tensors = len(mask.shapes)
+    assert mask.k == (37 if scope == "global" else 37 * n_tensors)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # scoring never changes weights
+    assert all(p.grad is None for p in model.parameters())
+    for name, idx in mask.indices.items():
+        assert torch.equal(idx, idx.sort().values) and idx.unique().numel() == idx.numel()
+
+
+def test_bottom_is_exact_reverse_of_esi(tokenizer):
+    model = tiny_llama(tokenizer, dtype=torch.float32)
+    n = sum(p.numel() for p in ParameterFilter().select(model).values())
+    top = compute_safety_mask(model, tokenizer, PROMPTS, targets=TARGETS, method="esi", k=n - 50, progress=False)
+    bottom = compute_safety_mask(model, tokenizer, PROMPTS, targets=TARGETS, method="bottom", k=50, progress=False)
+    for name in top.shapes:  # bottom-50 and top-(N-50) partition the weights
+        both = top.bool_mask(name) & bottom.bool_mask(name)
+        either = top.bool_mask(name) | bottom.bool_mask(name)
+        assert not both.any() and either.all()
+    assert max(float(s.max()) for s in bottom.scores.values()) <= min(float(s.min()) for s in top.scores.values())
+
+
+def test_random_baseline_is_seeded(tokenizer):
+    model = tiny_llama(tokenizer, dtype=torch.float32)
+    a = compute_safety_mask(model, method="random", ratio=0.05, seed=1, progress=False)
+    b = compute_safety_mask(model, method="random", ratio=0.05, seed=1, progress=False)
+    c = compute_safety_mask(model, method="random", ratio=0.05, seed=2, progress=False)
+    assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.indices)
+    assert any(not torch.equal(a.indices.get(n, torch.empty(0)), c.indices.get(n, torch.empty(0))) for n in a.shapes)
+
+
+def test_mask_round_trip_and_mismatch(tmp_path, tokenizer):
+    model = tiny_llama(tokenizer, dtype=torch.float32)
+    mask = compute_safety_mask(model, tokenizer, PROMPTS, targets=TARGETS, ratio=0.02, progress=False,
+                               metadata={"dataset": "unit-test"})
+    path = mask.save(tmp_path / "mask.safetensors")
+    loaded = SafetyMask.load(path)
+    assert loaded.k == mask.k and loaded.n == mask.n and loaded.shapes == mask.shapes
+    assert all(torch.equal(loaded.indices[n], mask.indices[n]) for n in mask.indices)
+    assert all(torch.equal(loaded.scores[n], mask.scores[n]) for n in mask.indices)
+    for key in ("model", "objective", "scope", "ratio", "N", "k", "dataset", "num_examples", "seed", "library_version"):
+        assert key in loaded.metadata, key
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.safetensors"]  # no temp file left behind
+    loaded.check_model(model)
+
+    other = tiny_llama(tokenizer, dtype=torch.float32)
+    other.model.layers = other.model.layers[:1]  # a model with fewer layers
+    with pytest.raises(MaskMismatchError, match="model.layers.1"):
+        loaded.check_model(other)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(MaskMismatchError, match=r"mlp.gate_proj.weight' has shape \(24, 16\)"):
+        loaded.check_model(wider)
+
+
+def test_mask_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SafetyMask.load(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors mask"):
+        SafetyMask.load(bad)
+    with pytest.raises(ValueError, match="outside"):
+        SafetyMask(indices={"w": torch.tensor([5])}, shapes={"w": (2, 2)})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ratio": 0.0}, "ratio must be in"), ({"ratio": 1.5}, "ratio must be in"),
+    ({"ratio": None, "k": 0}, "k must be >= 1"), ({"method": "best"}, "method must be one of"),
+    ({"scope": "per_layer"}, "scope must be one of"),
+])
+def test_bad_selection_arguments_fail_before_model_work(kwargs, message):
+    calls = []
+
+    class Exploding(torch.nn.Module):
+        def named_parameters(self, *a, **k):
+            calls.append(1)
+            raise AssertionError("model touched")
+
+    with pytest.raises(ValueError, match=message):
+        compute_safety_mask(Exploding(), None, ["x"], **kwargs)
+    assert not calls
+
+
+def test_empty_prompts_is_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="non-empty list of prompts"):
+        compute_safety_mask(tiny_llama(tokenizer), tokenizer, [], progress=False)
