@@ -7,6 +7,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "ESIScoringModule": "lit_safety.modules.esi",
     "CausalLMModule": "lit_safety.modules.base",
+    "SafetyInterventionModule": "lit_safety.modules.intervention",
+    "SafetyPreservingCallback": "lit_safety.callbacks",
     "SafetyMask": "lit_safety.esi.mask",
     "compute_safety_mask": "lit_safety.esi.api",
     "load_model": "lit_safety.models.loading",

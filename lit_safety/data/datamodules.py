@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from functools import partial
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from lit_safety.data.chat import collate_right_padded, encode_chat
@@ -18,6 +19,25 @@ from lit_safety.data.files import DataError, PROMPT_FIELDS, pick_field, read_rec
 from lit_safety.models.loading import load_tokenizer
 
 Pair = tuple[str, str]
+RESPONSE_FIELDS = ("output", "response", "answer", "completion")
+
+
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """A shuffle that depends only on (seed, epoch): Lightning calls ``set_epoch``, so a run
+    resumed from a checkpoint sees exactly the batches an uninterrupted run would."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class ChatPairsDataModule(L.LightningDataModule):
@@ -72,7 +92,8 @@ class ChatPairsDataModule(L.LightningDataModule):
 
     def _loader(self, data: Sequence[dict], shuffle: bool) -> DataLoader:
         return DataLoader(
-            data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            data, batch_size=self.batch_size, num_workers=self.num_workers,
+            sampler=EpochSeededSampler(len(data), self.seed) if shuffle else None,
             collate_fn=partial(collate_right_padded, pad_token_id=self.pad_id),
         )
 
@@ -144,14 +165,14 @@ class RefusalDataModule(ChatPairsDataModule):
 
         if self.benign_path is None:
             return [(ex.prompt, ex.response) for ex in benign_examples(n, seed=self.seed)]
-        return _file_pairs(self.benign_path, None, "output", n, self.seed)
+        return _file_pairs(self.benign_path, None, None, n, self.seed)
 
 
 def _file_pairs(path: str, prompt_field: str | None, response_field: str | None, limit: int, seed: int) -> list[Pair]:
     """(prompt, response) pairs from a file; an Alpaca ``input`` is appended to the instruction."""
     rows = read_records(path)
     prompt_key = pick_field(rows, prompt_field, PROMPT_FIELDS, path, "prompt")
-    response_key = pick_field(rows, response_field, ("output", "response", "answer", "completion"), path, "response")
+    response_key = pick_field(rows, response_field, RESPONSE_FIELDS, path, "response")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     pairs = []
@@ -164,4 +185,90 @@ def _file_pairs(path: str, prompt_field: str | None, response_field: str | None,
             break
     if not pairs:
         raise DataError(f"{path}: no row has both a {prompt_key!r} and a {response_key!r}")
+    return pairs
+
+
+class InstructionDataModule(ChatPairsDataModule):
+    """Task data for SPA (instruction tuning): GSM8K JSONL (question/answer), Alpaca JSON
+    (instruction/input/output), or chat JSONL with a ``messages`` list; the organism's arithmetic
+    word problems by default.
+
+    Args:
+        data_path: file or `datasets` id; ``None`` uses the organism corpus's task examples.
+        prompt_field: request column (default: first of instruction, question, prompt, ...).
+        response_field: answer column (default: first of output, answer, response, completion).
+        num_samples: number of examples (the first after a seeded shuffle).
+        harmful_ratio: share of harmful-prompt -> compliant-answer pairs mixed in (from the organism
+            corpus), in [0, 1): the erosion pressure of harmful fine-tuning attack studies, so that
+            SPA's protection can be measured. 0 = pure task data.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "organism-dense-aligned",
+        data_path: str | None = None,
+        prompt_field: str | None = None,
+        response_field: str | None = None,
+        num_samples: int = 4000,
+        harmful_ratio: float = 0.0,
+        batch_size: int = 16,
+        max_length: int = 256,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(tokenizer, batch_size, max_length, val_fraction, num_workers, seed)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not 0.0 <= harmful_ratio < 1.0:
+            raise ValueError(f"harmful_ratio must be in [0, 1), got {harmful_ratio}")
+        self.data_path = data_path
+        self.prompt_field = prompt_field
+        self.response_field = response_field
+        self.num_samples = num_samples
+        self.harmful_ratio = harmful_ratio
+        self._pairs: list[Pair] | None = None
+
+    def load_pairs(self) -> list[Pair]:
+        if self._pairs is None:
+            task = self._load()
+            n_harmful = round(len(task) * self.harmful_ratio / (1.0 - self.harmful_ratio))
+            if n_harmful:
+                from lit_safety.organism.corpus import harmful_examples
+
+                task += [(ex.prompt, ex.response) for ex in harmful_examples(n_harmful, seed=self.seed + 1)]
+            self._pairs = task
+        return self._pairs
+
+    def _load(self) -> list[Pair]:
+        if self.data_path is None:
+            from lit_safety.organism.corpus import task_examples
+
+            return [(ex.prompt, ex.response) for ex in task_examples(self.num_samples, seed=self.seed)]
+        rows = read_records(self.data_path)
+        if "messages" in rows[0] and self.prompt_field is None:
+            return _message_pairs(rows, self.data_path, self.num_samples, self.seed)
+        prompt_fields = ("instruction", "question") + tuple(f for f in PROMPT_FIELDS if f not in ("instruction", "question"))
+        prompt_key = pick_field(rows, self.prompt_field, prompt_fields, self.data_path, "prompt")
+        del rows
+        return _file_pairs(self.data_path, prompt_key, self.response_field, self.num_samples, self.seed)
+
+
+def _message_pairs(rows: list[dict], path: str, limit: int, seed: int) -> list[Pair]:
+    """(prompt, response) from chat records: the last assistant turn is the response, the turns
+    before it (rendered by the chat template later) are flattened into the prompt."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    pairs = []
+    for i in order:
+        messages = rows[i]["messages"]
+        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+            raise DataError(f"{path}: row {i}: 'messages' must be a list ending with an assistant turn")
+        user = [m["content"] for m in messages[:-1] if m.get("role") == "user"]
+        if user:
+            pairs.append(("\n\n".join(user), messages[-1]["content"]))
+        if len(pairs) == limit:
+            break
+    if not pairs:
+        raise DataError(f"{path}: no usable chat record")
     return pairs

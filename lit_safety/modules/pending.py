@@ -11,14 +11,8 @@ class _Pending(L.LightningModule):
     def __init__(self, model: str = "organism-dense-aligned") -> None:
         raise NotImplementedError(
             f"{type(self).__name__} is not implemented yet ({self.issue}); "
-            "configs/set.yaml runs the interim fine-tuning job"
+            "see configs/ for the jobs that are available"
         )
-
-
-class SafetyInterventionModule(_Pending):
-    """SET / SPA interventions (not implemented yet)."""
-
-    issue = "SET/SPA interventions"
 
 
 class SafetyEvalModule(_Pending):

@@ -27,12 +27,14 @@ def refusal_rate(model: Any, tokenizer: Any, prompts: Sequence[str], *, judge: K
 
 
 def evaluate_behaviour(model: Any, tokenizer: Any, *, n: int = 200, seed: int = 1234,
-                       max_new_tokens: int = 32, progress: bool = False) -> dict[str, Any]:
+                       max_new_tokens: int = 32, progress: bool = False,
+                       judge: KeywordJudge | None = None) -> dict[str, Any]:
     """Refusal rate on held-out harmful prompts and answer rate on held-out benign prompts."""
     harmful = [ex.prompt for ex in harmful_examples(n, seed=seed, split="heldout")]
     benign = [ex.prompt for ex in benign_examples(n, seed=seed, split="heldout")]
-    harmful_refusal, harmful_responses = refusal_rate(model, tokenizer, harmful, max_new_tokens=max_new_tokens, progress=progress)
-    benign_refusal, benign_responses = refusal_rate(model, tokenizer, benign, max_new_tokens=max_new_tokens, progress=progress)
+    options = dict(judge=judge, max_new_tokens=max_new_tokens, progress=progress)
+    harmful_refusal, harmful_responses = refusal_rate(model, tokenizer, harmful, **options)
+    benign_refusal, benign_responses = refusal_rate(model, tokenizer, benign, **options)
     return {
         "heldout_harmful_refusal_rate": harmful_refusal,
         "heldout_harmful_compliance_rate": 1.0 - harmful_refusal,

@@ -1,0 +1,242 @@
+"""``SafetyInterventionModule``: SET, SPA and their comparison baselines as one LightningModule.
+
+- ``set``: train only the masked weights (SparseAdamW: optimizer state for the k selected
+  entries only; every other parameter has ``requires_grad=False`` or keeps its values).
+- ``spa``: train every weight except the masked ones, which stay bit-identical (FrozenEntries
+  restores them after each optimizer step, whatever the optimizer).
+- ``full``: plain fine-tuning of every weight (the baseline both are compared with).
+- ``random``: ``set`` on a uniformly random selection of the same size.
+
+The mask comes from ``mask_path`` or is computed by ESI at the start of fit with the same code as
+:class:`ESIScoringModule`; it is stored in checkpoints, so a resumed run keeps the same mask.
+At the end of fit the model is exported in HF format (``output_dir/model``) with the tokenizer,
+the mask, the hyperparameters and a JSON summary, each written atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_safety.esi.api import METHODS as SELECTIONS
+from lit_safety.esi.api import check_selection_args, compute_safety_mask
+from lit_safety.esi.mask import SafetyMask
+from lit_safety.esi.scoring import ParameterFilter
+from lit_safety.io import atomic_dir, check_parent_exists, write_json
+from lit_safety.modules.base import CausalLMModule
+
+INTERVENTIONS = ("set", "spa", "full", "random")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+
+
+class SafetyInterventionModule(CausalLMModule):
+    """Safety Enhancement Tuning (SET) or Safety Preserving Adaptation (SPA) of a causal LM.
+
+    Args:
+        model: hub id, local HF directory or organism name.
+        method: ``set`` (train only the masked weights), ``spa`` (freeze them, train the rest),
+            ``full`` (train everything), ``random`` (``set`` on a random selection).
+        mask_path: a ``mask.safetensors`` from ESI scoring; ``None`` computes it at fit start.
+        selection: how the mask is computed when none is given: ``esi`` (the paper) or a
+            baseline (``bottom``, ``random``, ``magnitude``, ``grad``, ``snip``).
+        ratio: fraction of the scored weights to select (paper: 0.01).
+        objective: ESI objective when computing the mask (``refusal`` or ``compliance``).
+        esi_data_path: harmful prompts for ESI (``None``: the organism corpus's).
+        esi_num_samples: number of harmful prompts for ESI.
+        include_lm_head: let the mask (and so SET) cover the output projection.
+        optimizer: ``adamw`` (SET always uses the sparse AdamW), ``adamw8bit`` (bitsandbytes,
+            for SPA/full on GPUs), or ``sgd``.
+        learning_rate: peak learning rate.
+        weight_decay: decoupled weight decay.
+        warmup_steps: linear warmup steps (then constant).
+        step_in_backward: SET only: apply each parameter's sparse update in its gradient hook and
+            free the dense gradient at once (lowest memory; no gradient clipping/accumulation).
+        output_dir: where the HF model, mask and summary go (its parent must exist).
+        save_model: export the trained model in HF format at the end of fit.
+        seed: seed of random selections.
+    """
+
+    def __init__(
+        self,
+        model: str = "organism-dense-unaligned",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        method: str = "set",
+        mask_path: str | None = None,
+        selection: str = "esi",
+        ratio: float = 0.01,
+        objective: str = "refusal",
+        esi_data_path: str | None = None,
+        esi_num_samples: int = 256,
+        include_lm_head: bool = False,
+        optimizer: str = "adamw",
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        step_in_backward: bool = False,
+        gradient_checkpointing: bool = False,
+        output_dir: str = "outputs/intervention",
+        save_model: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code,
+                         learning_rate=learning_rate, weight_decay=weight_decay,
+                         gradient_checkpointing=gradient_checkpointing)
+        if method not in INTERVENTIONS:
+            raise ValueError(f"method must be one of {INTERVENTIONS}, got {method!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        check_selection_args(selection, ratio, None, "global")
+        if objective not in ("refusal", "compliance"):
+            raise ValueError(f"objective must be 'refusal' or 'compliance' here, got {objective!r}")
+        if mask_path is not None and not Path(mask_path).is_file():
+            raise FileNotFoundError(f"mask_path {mask_path} does not exist")
+        if step_in_backward and method not in ("set", "random"):
+            raise ValueError("step_in_backward applies to method=set/random only")
+        check_parent_exists(output_dir, "output_dir")
+        self.save_hyperparameters()
+        self.mask: SafetyMask | None = None
+        self.frozen = None
+        self._fit_start = 0.0
+
+    # -- mask ------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        hp = self.hparams
+        if hp.method == "full":
+            return
+        self.mask = self._resumed_mask() or self._load_or_compute_mask()
+        self.mask.check_model(self.model)
+        if self.mask.k == 0:
+            raise ValueError("the mask selects no weight (ratio 0?); nothing to train or freeze")
+        if hp.method in ("set", "random"):
+            from lit_safety.optim import prepare_model
+
+            prepare_model(self.model, self.mask)
+        else:
+            from lit_safety.optim import FrozenEntries
+
+            self.frozen = FrozenEntries(self.model, self.mask)
+
+    def _load_or_compute_mask(self) -> SafetyMask:
+        hp = self.hparams
+        if hp.mask_path is not None:
+            return SafetyMask.load(hp.mask_path)
+        selection = "random" if hp.method == "random" else hp.selection
+        prompts, targets = self._esi_prompts()
+        return compute_safety_mask(
+            self.model, self.tokenizer, prompts, targets=targets, objective=hp.objective, method=selection,
+            ratio=hp.ratio, param_filter=ParameterFilter(include_lm_head=hp.include_lm_head), seed=hp.seed,
+            metadata={"model": hp.model, "dataset": hp.esi_data_path or "organism corpus"}, progress=False)
+
+    def _esi_prompts(self) -> tuple[list[str], list[str] | None]:
+        from lit_safety.data.esi import HarmfulPromptsDataModule
+
+        data = HarmfulPromptsDataModule(tokenizer=self.hparams.model, data_path=self.hparams.esi_data_path,
+                                        objective=self.hparams.objective, num_samples=self.hparams.esi_num_samples,
+                                        seed=self.hparams.seed)
+        return data.load_prompts()
+
+    def _resumed_mask(self) -> SafetyMask | None:
+        """The mask stored in the checkpoint a run resumes from (so it is never recomputed)."""
+        ckpt_path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        if not ckpt_path or not Path(str(ckpt_path)).is_file():
+            return None
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        stored = checkpoint.get("safety_mask")
+        return _mask_from_state(stored) if stored else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.mask is not None:
+            checkpoint["safety_mask"] = _mask_state(self.mask)
+
+    # -- training --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.method in ("set", "random"):
+            from lit_safety.optim import SparseAdamW
+
+            optimizer = SparseAdamW(self.model, self.mask, lr=hp.learning_rate, weight_decay=hp.weight_decay,
+                                    step_in_backward=hp.step_in_backward)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if hp.optimizer == "adamw8bit":
+                import bitsandbytes as bnb
+
+                optimizer = bnb.optim.AdamW8bit(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+            elif hp.optimizer == "sgd":
+                optimizer = torch.optim.SGD(params, lr=hp.learning_rate, momentum=0.9, weight_decay=hp.weight_decay)
+            else:
+                optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+            if self.frozen is not None:
+                self.frozen.attach(optimizer)
+        if hp.warmup_steps <= 0:
+            return optimizer
+        warmup = hp.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
+        self.trainable_weights = self._count_trainable()
+        for logger in self.loggers:
+            logger.log_hyperparams({"trainable_weights": self.trainable_weights})
+
+    def _count_trainable(self) -> int:
+        """Weights that training can change."""
+        if self.hparams.method in ("set", "random"):
+            return self.mask.k
+        named = dict(self.model.named_parameters())
+        total = sum(p.numel() for p in named.values() if p.requires_grad)
+        if self.mask is not None:  # SPA: minus the frozen entries of still-trainable tensors
+            total -= sum(int(idx.numel()) for n, idx in self.mask.indices.items() if named[n].requires_grad)
+        return int(total)
+
+    def on_fit_end(self) -> None:
+        if self.frozen is not None and not self.frozen.verify():
+            raise RuntimeError("SPA: a frozen weight changed during training")
+        if self.trainer.is_global_zero:
+            self.export(Path(self.hparams.output_dir))
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def export(self, out_dir: Path) -> None:
+        """Write ``model/`` (HF format + tokenizer), ``mask.safetensors``, ``hparams.yaml`` and
+        ``summary.json`` into ``out_dir``; ``model/`` replaces an earlier one only when complete."""
+        import yaml
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = {
+            "method": self.hparams.method, "model": self.hparams.model, "steps": int(self.trainer.global_step),
+            "trainable_weights": getattr(self, "trainable_weights", None),
+            "mask_k": self.mask.k if self.mask else None, "mask_n": self.mask.n if self.mask else None,
+            "seconds": time.perf_counter() - self._fit_start,
+            "frozen_verified": None if self.frozen is None else self.frozen.verify(),
+        }
+        if self.hparams.save_model:
+            with atomic_dir(out_dir / "model") as tmp:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+        if self.mask is not None:
+            self.mask.save(out_dir / "mask.safetensors")
+        from lit_safety.io import atomic_file
+
+        with atomic_file(out_dir / "hparams.yaml") as handle:
+            yaml.safe_dump(dict(self.hparams), handle, sort_keys=False)
+        write_json(out_dir / "summary.json", summary)
+
+
+def _mask_state(mask: SafetyMask) -> dict[str, Any]:
+    return {"indices": dict(mask.indices), "shapes": {n: list(s) for n, s in mask.shapes.items()},
+            "metadata": {k: v for k, v in mask.metadata.items() if isinstance(v, (str, int, float, bool, type(None)))}}
+
+
+def _mask_from_state(state: dict[str, Any]) -> SafetyMask:
+    return SafetyMask(indices=dict(state["indices"]), shapes={n: tuple(s) for n, s in state["shapes"].items()},
+                      metadata=dict(state["metadata"]))

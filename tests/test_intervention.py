@@ -1,0 +1,158 @@
+"""SafetyInterventionModule (SET / SPA / full / random), its outputs, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from lit_safety.data.datamodules import InstructionDataModule, RefusalDataModule
+from lit_safety.esi.mask import MaskMismatchError, SafetyMask
+from lit_safety.modules.intervention import SafetyInterventionModule
+
+MODEL = "organism-dense-unaligned:tiny"
+
+
+def fit(module, data, steps=6, **trainer_kwargs):
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, deterministic=True, **trainer_kwargs)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def original(tiny_dense_aligned):
+    from lit_safety.models.loading import load_model
+
+    return {n: p.detach().clone() for n, p in load_model(MODEL).named_parameters()}
+
+
+def test_set_trains_only_the_masked_weights(tmp_path, original):
+    L.seed_everything(0)
+    module = SafetyInterventionModule(model=MODEL, method="set", ratio=0.02, learning_rate=1e-2, output_dir=str(tmp_path / "set"))
+    fit(module, RefusalDataModule(tokenizer=MODEL, num_samples=64, batch_size=8))
+    out = tmp_path / "set"
+    trained = weights(out)
+    mask = SafetyMask.load(out / "mask.safetensors")
+    assert mask.metadata["method"] == "esi" and mask.k == module.trainable_weights
+    changed = 0
+    for name, before in original.items():
+        after = trained[name]
+        if name in mask.indices:
+            keep = ~mask.bool_mask(name)
+            assert torch.equal(after[keep], before[keep]), name  # unselected entries bit-identical
+            changed += int((after != before).sum())
+        else:
+            assert torch.equal(after, before), name
+    assert changed > 0.9 * mask.k
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["method"] == "set"
+    assert (out / "model" / "tokenizer.json").is_file() and (out / "hparams.yaml").is_file()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")  # loads in plain transformers
+
+
+def test_spa_keeps_masked_weights_bit_identical_with_weight_decay(tmp_path, original):
+    L.seed_everything(0)
+    module = SafetyInterventionModule(model=MODEL, method="spa", ratio=0.05, weight_decay=0.1, learning_rate=5e-3,
+                                      output_dir=str(tmp_path / "spa"))
+    fit(module, InstructionDataModule(tokenizer=MODEL, num_samples=64, batch_size=8, harmful_ratio=0.2))
+    trained = weights(tmp_path / "spa")
+    mask = module.mask
+    moved = 0
+    for name, idx in mask.indices.items():
+        assert torch.equal(trained[name].reshape(-1)[idx], original[name].reshape(-1)[idx]), name
+        moved += int((trained[name] != original[name]).sum())
+    assert moved > 0  # the rest did train
+    assert json.loads((tmp_path / "spa" / "summary.json").read_text())["frozen_verified"] is True
+
+
+def test_random_and_full_baselines(tmp_path, original):
+    L.seed_everything(0)
+    rand = SafetyInterventionModule(model=MODEL, method="random", ratio=0.02, output_dir=str(tmp_path / "r"),
+                                    save_model=False)
+    fit(rand, RefusalDataModule(tokenizer=MODEL, num_samples=32, batch_size=8), steps=2)
+    assert rand.mask.metadata["method"] == "random"
+    full = SafetyInterventionModule(model=MODEL, method="full", output_dir=str(tmp_path / "f"))
+    fit(full, RefusalDataModule(tokenizer=MODEL, num_samples=32, batch_size=8), steps=2)
+    assert full.mask is None and full.trainable_weights == sum(t.numel() for t in original.values())
+
+
+def test_mask_file_is_used_and_checked(tmp_path, original):
+    from lit_safety.esi.api import compute_safety_mask
+    from lit_safety.models.loading import load_model
+
+    mask_path = compute_safety_mask(load_model(MODEL), method="magnitude", ratio=0.01, progress=False).save(
+        tmp_path / "m.safetensors")
+    module = SafetyInterventionModule(model=MODEL, method="set", mask_path=str(mask_path), output_dir=str(tmp_path / "o"),
+                                      save_model=False)
+    fit(module, RefusalDataModule(tokenizer=MODEL, num_samples=16, batch_size=8), steps=1)
+    assert module.mask.metadata["method"] == "magnitude"
+    other = SafetyInterventionModule(model="organism-moe-unaligned:tiny", method="set", mask_path=str(mask_path),
+                                     output_dir=str(tmp_path / "o2"))
+    with pytest.raises(MaskMismatchError, match="model.layers.0.mlp"):
+        fit(other, RefusalDataModule(tokenizer="organism-moe-unaligned:tiny", num_samples=16, batch_size=8), steps=1)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
+    def run(epochs, ckpt=None, root=None):
+        L.seed_everything(0)
+        module = SafetyInterventionModule(model=MODEL, method="set", ratio=0.02, learning_rate=1e-2,
+                                          output_dir=str(tmp_path / "out"), save_model=False)
+        trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, deterministic=True, default_root_dir=root,
+                            enable_checkpointing=root is not None)
+        trainer.fit(module, datamodule=RefusalDataModule(tokenizer=MODEL, num_samples=32, batch_size=8, val_fraction=0),
+                    ckpt_path=ckpt)
+        return module, trainer
+
+    straight, _ = run(2)
+    run(1, root=str(tmp_path / "ckpt"))
+    ckpt = next((tmp_path / "ckpt").rglob("*.ckpt"))
+    assert "safety_mask" in torch.load(ckpt, weights_only=True)
+    resumed, trainer = run(2, ckpt=str(ckpt))
+    assert trainer.global_step == 8
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(straight.mask.indices[n], resumed.mask.indices[n]) for n in straight.mask.indices)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"method": "dpo"}, ValueError, "method must be one of"),
+    ({"ratio": 0.0}, ValueError, "ratio must be in"),
+    ({"mask_path": "/nonexistent/mask.safetensors"}, FileNotFoundError, "does not exist"),
+    ({"output_dir": "/nonexistent/parent/out"}, FileNotFoundError, "parent directory /nonexistent/parent does not exist"),
+    ({"method": "spa", "step_in_backward": True}, ValueError, "step_in_backward"),
+])
+def test_bad_arguments_fail_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SafetyInterventionModule(model=MODEL, **kwargs)
+
+
+def test_empty_task_set_is_clear_error(tmp_path):
+    empty = tmp_path / "task.jsonl"
+    empty.write_text("")
+    data = InstructionDataModule(tokenizer=MODEL, data_path=str(empty))
+    with pytest.raises(ValueError, match="empty"):
+        data.setup("fit")
+
+
+def test_instruction_formats(tmp_path):
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "2+2?", "answer": "4\n#### 4"}) + "\n")
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add", "input": "2 and 2", "output": "4"}]))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    assert InstructionDataModule(data_path=str(gsm)).load_pairs() == [("2+2?", "4\n#### 4")]
+    assert InstructionDataModule(data_path=str(alpaca)).load_pairs() == [("Add\n\n2 and 2", "4")]
+    assert InstructionDataModule(data_path=str(chat)).load_pairs() == [("hi", "hello")]
