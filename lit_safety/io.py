@@ -13,9 +13,14 @@ from typing import Any
 
 
 def check_parent_exists(path: str | os.PathLike, what: str = "output") -> Path:
-    """Fail fast (before any long work) when the parent directory of ``path`` is missing."""
+    """Fail fast (before any long work) when ``path`` cannot be created.
+
+    The directory itself and one missing parent level are created when written (so the configs'
+    default ``outputs/<job>`` works in a fresh checkout); a deeper missing parent is almost always
+    a typo and is reported, naming the parent.
+    """
     path = Path(path).expanduser()
-    if not path.parent.is_dir():
+    if not path.parent.is_dir() and not path.parent.parent.is_dir():
         raise FileNotFoundError(f"{what} path {path}: parent directory {path.parent} does not exist")
     return path
 

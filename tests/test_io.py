@@ -34,5 +34,6 @@ def test_interrupted_file_write_keeps_previous(tmp_path):
 
 
 def test_missing_parent_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
-        check_parent_exists(tmp_path / "nope" / "out")
+    check_parent_exists(tmp_path / "outputs" / "set")  # one missing level is created on write
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "no" / "such")):
+        check_parent_exists(tmp_path / "no" / "such" / "out")
