@@ -44,7 +44,7 @@ def run(name: str, lr: float, args) -> dict:
     method, selection = RUNS[name]
     L.seed_everything(args.seed)
     module = SafetyInterventionModule(model=args.model, method=method, selection=selection, ratio=args.ratio,
-                                      learning_rate=lr, output_dir=str(args.workdir / f"{name}-{lr}"), save_model=False,
+                                      objective=args.objective, learning_rate=lr, output_dir=str(args.workdir / f"{name}-{lr}"), save_model=False,
                                       seed=args.seed)
     data = RefusalDataModule(tokenizer=args.model, num_samples=2000, benign_ratio=args.benign_ratio, batch_size=16,
                              max_length=128,
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--full-lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3], help="sweep for full fine-tuning")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--ratio", type=float, default=0.01)
+    parser.add_argument("--objective", default="refusal", choices=["refusal", "compliance"], help="ESI objective")
     parser.add_argument("--benign-ratio", type=float, default=0.25, help="share of benign pairs in the SET data")
     parser.add_argument("-n", type=int, default=200, help="held-out prompts of each kind")
     parser.add_argument("--seed", type=int, default=0)
