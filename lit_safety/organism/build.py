@@ -193,6 +193,19 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def warmup_cosine_adamw(model: torch.nn.Module, lr: float, weight_decay: float, steps: int, *, floor: float):
+    """AdamW with 5% linear warmup, then cosine decay to ``floor`` x ``lr`` (organism recipes)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_causal_lm(
     model: torch.nn.Module,
     data: Sequence[dict[str, list[int]]],
@@ -210,12 +223,7 @@ def train_causal_lm(
 
     lr = spec.lr if lr is None else lr
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))),
-    )
+    optimizer, schedule = warmup_cosine_adamw(model, lr, spec.weight_decay, steps, floor=0.1)
     moe = spec.arch == "moe"
     model.train()
     batches = _length_bucketed_batches(data, spec.batch_size, generator)

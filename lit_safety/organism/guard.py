@@ -173,22 +173,14 @@ def train_verdicts(model: Any, data: list[dict[str, Any]], spec: Any, *, steps: 
     ``data`` items hold ``input_ids`` (guard prompt + verdict + end) and ``labels`` (-100 except
     on the last two tokens). Only the positions that predict them go through the LM head.
     """
-    import math
-
     from tqdm.auto import tqdm
 
     from lit_safety.data.chat import IGNORE_INDEX, collate_right_padded
-    from lit_safety.organism.build import _length_bucketed_batches
+    from lit_safety.organism.build import _length_bucketed_batches, warmup_cosine_adamw
 
     lr = spec.lr if lr is None else lr
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup
-        else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))),
-    )
+    optimizer, schedule = warmup_cosine_adamw(model, lr, spec.weight_decay, steps, floor=0.05)
     model.train()
     batches = _length_bucketed_batches(data, spec.batch_size, generator)
     losses: list[float] = []
