@@ -149,7 +149,7 @@ class RefusalDataModule(ChatPairsDataModule):
     def load_pairs(self) -> list[Pair]:
         if self._pairs is None:
             harmful = self._harmful_pairs()
-            n_benign = round(len(harmful) * self.benign_ratio / (1.0 - self.benign_ratio))
+            n_benign = _count_for_share(len(harmful), self.benign_ratio)
             self._pairs = harmful + (self._benign_pairs(n_benign) if n_benign else [])
         return self._pairs
 
@@ -158,19 +158,26 @@ class RefusalDataModule(ChatPairsDataModule):
 
         if self.data_path is None:
             return [(ex.prompt, ex.refusal) for ex in harmful_examples(self.num_samples, seed=self.seed)]
-        return _file_pairs(self.data_path, self.prompt_field, self.response_field, self.num_samples, self.seed)
+        return _file_pairs(read_records(self.data_path), self.data_path, self.prompt_field, self.response_field,
+                           self.num_samples, self.seed)
 
     def _benign_pairs(self, n: int) -> list[Pair]:
         from lit_safety.organism.corpus import benign_examples
 
         if self.benign_path is None:
             return [(ex.prompt, ex.response) for ex in benign_examples(n, seed=self.seed)]
-        return _file_pairs(self.benign_path, None, None, n, self.seed)
+        return _file_pairs(read_records(self.benign_path), self.benign_path, None, None, n, self.seed)
 
 
-def _file_pairs(path: str, prompt_field: str | None, response_field: str | None, limit: int, seed: int) -> list[Pair]:
-    """(prompt, response) pairs from a file; an Alpaca ``input`` is appended to the instruction."""
-    rows = read_records(path)
+def _count_for_share(n_base: int, share: float) -> int:
+    """How many extra pairs to add to ``n_base`` so that they make up ``share`` of the mix."""
+    return round(n_base * share / (1.0 - share))
+
+
+def _file_pairs(rows: list[dict], path: str, prompt_field: str | None, response_field: str | None, limit: int,
+                seed: int) -> list[Pair]:
+    """(prompt, response) pairs from the rows of ``path``; an Alpaca ``input`` is appended to the
+    instruction."""
     prompt_key = pick_field(rows, prompt_field, PROMPT_FIELDS, path, "prompt")
     response_key = pick_field(rows, response_field, RESPONSE_FIELDS, path, "response")
     order = list(range(len(rows)))
@@ -232,7 +239,7 @@ class InstructionDataModule(ChatPairsDataModule):
     def load_pairs(self) -> list[Pair]:
         if self._pairs is None:
             task = self._load()
-            n_harmful = round(len(task) * self.harmful_ratio / (1.0 - self.harmful_ratio))
+            n_harmful = _count_for_share(len(task), self.harmful_ratio)
             if n_harmful:
                 from lit_safety.organism.corpus import harmful_examples
 
@@ -250,8 +257,7 @@ class InstructionDataModule(ChatPairsDataModule):
             return _message_pairs(rows, self.data_path, self.num_samples, self.seed)
         prompt_fields = ("instruction", "question") + tuple(f for f in PROMPT_FIELDS if f not in ("instruction", "question"))
         prompt_key = pick_field(rows, self.prompt_field, prompt_fields, self.data_path, "prompt")
-        del rows
-        return _file_pairs(self.data_path, prompt_key, self.response_field, self.num_samples, self.seed)
+        return _file_pairs(rows, self.data_path, prompt_key, self.response_field, self.num_samples, self.seed)
 
 
 def _message_pairs(rows: list[dict], path: str, limit: int, seed: int) -> list[Pair]:

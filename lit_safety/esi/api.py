@@ -125,12 +125,19 @@ def compute_safety_mask(
         if not num_examples:
             raise ValueError("num_examples must be given (> 0) with batches")
         accumulate_safety_gradients(model, batches, objective_fn, params, num_examples=num_examples, progress=progress)
-    scores = selection_scores(method, params, seed=seed)
     meta = {"method": method, "objective": getattr(objective_fn, "name", str(objective)), "seed": seed,
             "model": getattr(getattr(model, "config", None), "_name_or_path", ""), "num_examples": num_examples,
             **(metadata or {})}
+    return select_mask(params, method=method, ratio=ratio, k=k, scope=scope, seed=seed, metadata=meta)
+
+
+def select_mask(params: dict[str, torch.nn.Parameter], *, method: str, ratio: float | None, k: int | None,
+                scope: str, seed: int = 0, metadata: dict[str, Any] | None = None) -> SafetyMask:
+    """Scores from the gradients accumulated in ``param.grad`` (or the weights, for the baselines that
+    need none), the exact top-k as a mask, then the gradient buffers are released."""
+    scores = selection_scores(method, params, seed=seed)
     select_on = reverse_order(scores) if method == "bottom" else scores
-    mask = mask_from_scores(select_on, ratio=ratio, k=k, scope=scope, metadata=meta, report_scores=scores)
+    mask = mask_from_scores(select_on, ratio=ratio, k=k, scope=scope, metadata=metadata, report_scores=scores)
     for p in params.values():
         p.grad = None
     return mask

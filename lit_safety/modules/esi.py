@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from lit_safety.esi.api import NEEDS_GRADIENTS, check_selection_args, mask_from_scores, selection_scores
+from lit_safety.esi.api import NEEDS_GRADIENTS, check_selection_args, select_mask
 from lit_safety.esi.objectives import OBJECTIVES, make_objective
-from lit_safety.esi.scoring import ParameterFilter, reverse_order
+from lit_safety.esi.scoring import ParameterFilter
 from lit_safety.io import check_parent_exists
 from lit_safety.modules.base import CausalLMModule
 
@@ -132,15 +132,11 @@ class ESIScoringModule(CausalLMModule):
                 if p.grad is not None:
                     p.grad.mul_(scale)
         hp = self.hparams
-        scores = selection_scores(hp.method, self.scored, seed=hp.seed)
-        select_on = reverse_order(scores) if hp.method == "bottom" else scores
         meta = {"model": hp.model, "objective": hp.objective, "method": hp.method, "seed": hp.seed,
                 "num_examples": int(self._examples), "dataset": _dataset_name(self.trainer.datamodule),
                 "gradient_reduction": "mean over prompts"}
-        self.mask = mask_from_scores(select_on, ratio=hp.ratio if hp.k is None else None, k=hp.k, scope=hp.scope,
-                                     metadata=meta, report_scores=scores)
-        for p in self.scored.values():
-            p.grad = None
+        self.mask = select_mask(self.scored, method=hp.method, ratio=hp.ratio if hp.k is None else None, k=hp.k,
+                                scope=hp.scope, seed=hp.seed, metadata=meta)
         if self.trainer.is_global_zero:
             self._write_outputs()
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lit_safety.data.files import PROMPT_FIELDS, pick_field, read_records
-from lit_safety.judges.keyword import GCG_REFUSAL_PREFIXES, EXTRA_REFUSAL_PREFIXES
+from lit_safety.judges.keyword import EXTENDED_REFUSAL_PREFIXES
 from lit_safety.organism.corpus import ChatExample
 
 REFUSAL_FIELDS = ("refusal", "output", "response", "chosen")
@@ -37,7 +37,7 @@ def _short(text: str, words: int = 14) -> str:
 
 def _looks_like_refusal(text: str) -> bool:
     start = text.strip()[:80]
-    return any(start.startswith(p) for p in GCG_REFUSAL_PREFIXES + EXTRA_REFUSAL_PREFIXES)
+    return any(start.startswith(p) for p in EXTENDED_REFUSAL_PREFIXES)
 
 
 def load_harmful_examples(path: str | Path, *, prompt_field: str | None = None, refusal_field: str | None = None,
