@@ -67,3 +67,176 @@ class SafetyPreservingCallback(L.Callback):
         for handle in self._handles:
             handle.remove()
         self.frozen.remove()
+
+
+class SafetyEvalCallback(L.Callback):
+    """Evaluate safety and utility before training, every N steps, and after training.
+
+    Logs ``eval/<metric>`` to the Lightning logger (at step 0, N, ..., final) and writes
+    ``eval_report.json`` (all stages), ``samples_<stage>.jsonl`` and before/after PNG plots to
+    ``output_dir``. While training runs, finished stages go to ``eval_report.inprogress.json``;
+    ``eval_report.json`` is only replaced once the last stage is done, so an interrupted run never
+    overwrites an earlier complete report.
+
+        trainer = L.Trainer(callbacks=[SafetyEvalCallback(every_n_steps=50)])
+
+    Args:
+        data: options of the evaluation sets (the arguments of ``SafetyEvalDataModule`` except
+            batch_size), e.g. ``{"harmful_data": "advbench.csv", "num_harmful": 100}``. Default:
+            the organisms' held-out harmful, benign and task prompts, 200 each.
+        judge: jailbreak judge (default: GCG refusal keywords).
+        refusal_judge: keyword judge for refusal / over-refusal rates.
+        before: evaluate before the first training step.
+        after: evaluate when training ends.
+        every_n_steps: also evaluate every N optimizer steps (0: never).
+        max_new_tokens: answer length limit.
+        batch_size: prompts per generate call.
+        system_prompt: optional system message before every prompt.
+        output_dir: report directory (default: ``<module output_dir>/eval`` when the module has
+            one, else ``<trainer.default_root_dir>/eval``).
+        tokenizer: tokenizer name or path when the LightningModule has no ``tokenizer`` attribute.
+        model_attr: attribute of the LightningModule that holds the HF causal LM.
+        save_samples: write every prompt, answer and verdict.
+        plots: write PNG plots.
+    """
+
+    def __init__(self, data: dict[str, Any] | None = None, judge: Any = None, refusal_judge: Any = None,
+                 before: bool = True, after: bool = True, every_n_steps: int = 0, max_new_tokens: int = 64,
+                 batch_size: int = 32, system_prompt: str | None = None, output_dir: str | None = None,
+                 tokenizer: str | None = None, model_attr: str = "model", save_samples: bool = True,
+                 plots: bool = True) -> None:
+        from lit_safety.evaluation.evaluator import GenerationConfig
+
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        if not (before or after or every_n_steps):
+            raise ValueError("SafetyEvalCallback has nothing to do: set before, after or every_n_steps")
+        self.data = dict(data or {})
+        if "batch_size" in self.data:
+            raise ValueError("SafetyEvalCallback: set batch_size as the callback's own argument, not in data")
+        self.judge = judge
+        self.refusal_judge = refusal_judge
+        self.before, self.after, self.every_n_steps = before, after, every_n_steps
+        self.generation = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                           system_prompt=system_prompt)
+        self.output_dir = output_dir
+        self.tokenizer_name = tokenizer
+        self.model_attr = model_attr
+        self.save_samples, self.plots = save_samples, plots
+        self.stages: list[dict[str, Any]] = []
+        self.suite = None
+        self.evaluator = None
+        self._tokenizer = None
+        self._last_step = -1
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.evaluator is not None:
+            return
+        from lit_safety.evaluation.evaluator import SafetyEvaluator
+        from lit_safety.evaluation.suite import load_suite
+        from lit_safety.judges.keyword import KeywordJudge
+
+        self.suite = load_suite(**self.data)  # bad data fails here, before training
+        judge = self.judge or KeywordJudge()
+        judge.setup()
+        templates = sorted({r.template for r in self.suite.records.get("jailbreak", [])})
+        self.evaluator = SafetyEvaluator(judge, self.refusal_judge, categories=self.suite.categories,
+                                         templates=templates, generation=self.generation)
+        if self.output_dir is None:
+            module_dir = getattr(getattr(pl_module, "hparams", {}), "get", lambda _: None)("output_dir")
+            self.output_dir = os.path.join(module_dir or trainer.default_root_dir, "eval")
+
+    def _model_and_tokenizer(self, pl_module: L.LightningModule) -> tuple[Any, Any]:
+        model = getattr(pl_module, self.model_attr, None)
+        if model is None or not hasattr(model, "generate"):
+            raise AttributeError(f"SafetyEvalCallback: {type(pl_module).__name__}.{self.model_attr} is not an HF "
+                                 "causal LM (set model_attr)")
+        if self._tokenizer is None:
+            if self.tokenizer_name is not None:
+                from lit_safety.models.loading import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.tokenizer_name)
+            elif getattr(pl_module, "tokenizer", None) is not None:
+                self._tokenizer = pl_module.tokenizer
+            else:
+                raise AttributeError(f"SafetyEvalCallback: {type(pl_module).__name__} has no tokenizer attribute; "
+                                     "pass tokenizer=<name or path>")
+        return model, self._tokenizer
+
+    # -- evaluation points ---------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.before:
+            self.evaluate(trainer, pl_module, "before")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module, f"step_{step}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.after and self._last_step != trainer.global_step:
+            self.evaluate(trainer, pl_module, "after")
+        elif self.after and self.stages:  # the last periodic evaluation is the final state
+            self.stages[-1]["stage"] = "after"
+        self._write(trainer, final=True)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, Any]:
+        """Run the whole suite on this rank's shard; metrics are synced, samples gathered."""
+        import time
+
+        from lit_safety.evaluation.suite import shard_records
+
+        model, tokenizer = self._model_and_tokenizer(pl_module)
+        self.evaluator.reset()
+        self.evaluator.to("cpu")
+        started = time.perf_counter()
+        for _, records in self.suite:
+            shard = shard_records(records, trainer.global_rank, trainer.world_size)
+            for start in range(0, len(shard), self.generation.batch_size):
+                self.evaluator.update(model, tokenizer, shard[start:start + self.generation.batch_size])
+        metrics = self.evaluator.compute()
+        samples = self.evaluator.gather_samples() if self.save_samples else None
+        self._last_step = trainer.global_step
+        entry = {"stage": stage, "step": trainer.global_step, "seconds": round(time.perf_counter() - started, 2),
+                 "metrics": metrics}
+        self.stages.append(entry)
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
+                                       step=trainer.global_step)
+        if samples is not None and trainer.is_global_zero:
+            from lit_safety.io import atomic_file
+
+            with atomic_file(os.path.join(self.output_dir, f"samples_{stage}.jsonl")) as handle:
+                import json
+
+                for sample in samples:
+                    handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        self._write(trainer, final=False)
+        return entry
+
+    def _write(self, trainer: L.Trainer, final: bool) -> None:
+        if not trainer.is_global_zero or not self.stages:
+            return
+        from pathlib import Path
+
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from lit_safety.evaluation.report import format_table, write_report
+        from lit_safety.io import write_json
+
+        report = {
+            "judge": self.evaluator.judge.describe(),
+            "refusal_judge": self.evaluator.refusal_judge.describe(),
+            "generation": vars(self.generation),
+            "counts": self.suite.counts(),
+            "stages": self.stages,
+        }
+        out = Path(self.output_dir)
+        partial = out / "eval_report.inprogress.json"
+        if not final:
+            write_json(partial, report)
+            return
+        paths = write_report(out, report, None, plots=self.plots)
+        partial.unlink(missing_ok=True)
+        rank_zero_info("\n" + format_table(self.stages) + f"\n\nreport: {paths['report']}")

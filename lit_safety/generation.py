@@ -24,8 +24,13 @@ def generate_responses(
     top_p: float = 1.0,
     progress: bool = False,
     desc: str = "generate",
+    synced_gpus: bool = False,
 ) -> list[str]:
-    """Greedy (default) or sampled answers to ``prompts``, in order, special tokens stripped."""
+    """Greedy (default) or sampled answers to ``prompts``, in order, special tokens stripped.
+
+    ``synced_gpus``: keep decoding until every rank is done (needed when the weights are sharded
+    across ranks, as with FSDP, whose every forward is a collective).
+    """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -41,6 +46,8 @@ def generate_responses(
         # Batched padded generate() breaks on MoE models while router logits are requested
         # (transformers #30731 / #29087).
         extra["output_router_logits"] = False
+    if synced_gpus:
+        extra["synced_gpus"] = True
     if do_sample:
         extra.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:

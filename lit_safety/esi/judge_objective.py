@@ -54,6 +54,37 @@ def guard_prompt_parts(tokenizer: Any, prompt: str, response_prefix: str = "") -
     return prefix, suffix + response_prefix
 
 
+def single_token_id(tokenizer: Any, token: str, *, what: str, model_name: str,
+                    try_leading_space: bool = False) -> tuple[int, str]:
+    """``(id, form)`` of the verdict word ``token`` when it is exactly one known token of ``tokenizer``.
+
+    ``form`` is the string that encodes to that token. With ``try_leading_space``, a word that is
+    not one token as given is also tried with a leading space added (or removed, when it has one);
+    the form as given wins when both are single tokens. A word that encodes to the tokenizer's
+    unknown token does not count. Otherwise raises ``ValueError`` naming ``what`` (the setting,
+    e.g. ``"unsafe_token"``), the model and what the tokenizer produced for each form tried.
+    """
+    forms = [token]
+    if try_leading_space and token.strip():
+        forms.append(token[1:] if token.startswith(" ") else " " + token)
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    tried = []
+    for form in forms:
+        ids = tokenizer.encode(form, add_special_tokens=False)
+        if len(ids) == 1 and (ids[0] != unk_id or form == tokenizer.unk_token):
+            return ids[0], form
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        if len(ids) == 1:
+            tried.append(f"{form!r} -> the unknown token {pieces[0]!r} (id {ids[0]})")
+        else:
+            tried.append(f"{form!r} -> {len(ids)} tokens {pieces!r} (ids {ids})")
+    raise ValueError(
+        f"{what} {token!r} must be exactly one token of the guard {model_name!r}, but its tokenizer encodes "
+        f"{'; '.join(tried)}; pass the guard's verdict word as it is tokenized (e.g. with or without a leading "
+        "space)"
+    )
+
+
 def shares_vocabulary(model_tokenizer: Any, guard_tokenizer: Any) -> bool:
     """True when every token of the scored model has the same id in the guard's vocabulary
     (the guard may have extra tokens after them)."""
@@ -191,15 +222,7 @@ class JudgeObjective:
         self._transfer_t: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def _single_token_id(self, token: str, what: str) -> int:
-        ids = self.guard_tokenizer.encode(token, add_special_tokens=False)
-        if len(ids) != 1:
-            pieces = self.guard_tokenizer.convert_ids_to_tokens(ids)
-            raise ValueError(
-                f"{what} {token!r} must be exactly one token of the guard {self.guard_name!r}, but its tokenizer "
-                f"encodes it to {len(ids)} tokens {pieces!r} (ids {ids}); pass the guard's verdict word as it is "
-                "tokenized (e.g. with or without a leading space)"
-            )
-        return ids[0]
+        return single_token_id(self.guard_tokenizer, token, what=what, model_name=self.guard_name)[0]
 
     # ---- setup -------------------------------------------------------------------------------
 

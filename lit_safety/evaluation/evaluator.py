@@ -1,0 +1,252 @@
+"""``SafetyEvaluator``: generate, judge and count, batch by batch, on this rank's share of a suite.
+
+The same object backs ``lit-safety test`` (``SafetyEvalModule``, fed by the Lightning test loop)
+and ``SafetyEvalCallback`` (inside ``fit``). Metrics are torchmetrics with summed tensor states, so
+``compute()`` is exact across ranks; the per-prompt samples are gathered to every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lit_safety.data.chat import collate_right_padded, encode_chat
+from lit_safety.evaluation.suite import EvalRecord
+from lit_safety.generation import generate_responses
+from lit_safety.judges.base import Judge
+from lit_safety.judges.keyword import KeywordJudge
+from lit_safety.metrics import (
+    AttackSuccessRate,
+    CategoryRate,
+    MeanJudgeScore,
+    MultipleChoiceAccuracy,
+    OverRefusalRate,
+    Perplexity,
+    RefusalRate,
+    TaskAccuracy,
+)
+
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class GenerationConfig:
+    """How evaluation answers are generated.
+
+    Attributes:
+        max_new_tokens: answer length limit.
+        batch_size: prompts per ``generate`` call.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature (``do_sample`` only).
+        top_p: nucleus sampling mass (``do_sample`` only).
+        system_prompt: optional system message before every prompt.
+    """
+
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when any parameter is a DTensor (FSDP2 / tensor parallel)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+class SafetyEvaluator(torch.nn.Module):
+    """Metrics and samples of one evaluation; call :meth:`update` per batch, then :meth:`compute`.
+
+    Args:
+        judge: decides jailbroken / not for harmful and jailbreak prompts (default: keyword).
+        refusal_judge: decides refusal for the refusal and over-refusal rates when ``judge`` does
+            not detect refusals itself (default: GCG keyword list).
+        categories: harm categories of the harmful set (per-category ASR).
+        templates: jailbreak template names (per-template ASR).
+        generation: decoding settings.
+        mc_batch_size: questions per forward pass for multiple-choice scoring.
+    """
+
+    def __init__(self, judge: Judge | None = None, refusal_judge: KeywordJudge | None = None, *,
+                 categories: Sequence[str] = (), templates: Sequence[str] = (),
+                 generation: GenerationConfig | None = None, mc_batch_size: int = 8) -> None:
+        super().__init__()
+        self.judge = judge or KeywordJudge()
+        self.refusal_judge = refusal_judge or (self.judge if isinstance(self.judge, KeywordJudge) else KeywordJudge())
+        self.generation = generation or GenerationConfig()
+        self.mc_batch_size = mc_batch_size
+        self.metrics = torch.nn.ModuleDict({
+            "harmful_asr": AttackSuccessRate(),
+            "harmful_refusal_rate": RefusalRate(),
+            "harmful_judge_score": MeanJudgeScore(),
+            "jailbreak_asr": AttackSuccessRate(),
+            "jailbreak_refusal_rate": RefusalRate(),
+            "benign_over_refusal_rate": OverRefusalRate(),
+            "task_accuracy": TaskAccuracy(),
+            "task_perplexity": Perplexity(),
+            "mc_accuracy": MultipleChoiceAccuracy(),
+        })
+        self.by_category = CategoryRate(list(categories) or ["-"])
+        self.by_template = CategoryRate(list(templates) or ["-"])
+        self.samples: list[dict[str, Any]] = []
+
+    def reset(self) -> None:
+        for metric in (*self.metrics.values(), self.by_category, self.by_template):
+            metric.reset()
+        self.samples = []
+
+    # -- per batch -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, model: Any, tokenizer: Any, records: Sequence[EvalRecord]) -> None:
+        """Evaluate one batch of records of one kind (padding records run but are not counted)."""
+        if not records:
+            return
+        kinds = {r.kind for r in records}
+        if len(kinds) != 1:
+            raise ValueError(f"a batch must hold one kind of record, got {sorted(kinds)}")
+        kind = kinds.pop()
+        if kind == "mc":
+            self._update_mc(model, tokenizer, records)
+            return
+        responses = self._generate(model, tokenizer, [r.prompt for r in records])
+        counted = [(r, resp) for r, resp in zip(records, responses) if not r.padding]
+        if kind == "task":
+            self._update_task(model, tokenizer, records, counted)
+            return
+        if not counted:
+            return
+        recs, resps = zip(*counted)
+        refused = [v.refused for v in self.refusal_judge.judge_batch([r.prompt for r in recs], resps)]
+        if kind == "benign":
+            self.metrics["benign_over_refusal_rate"].update(refused)
+            self._keep(recs, resps, refused=refused)
+            return
+        asked = [r.behavior or r.prompt for r in recs]  # the judge rates the request, not the wrapper
+        verdicts = self.judge.judge_batch(asked, resps)
+        refused = [v.refused if v.refused is not None else fallback for v, fallback in zip(verdicts, refused)]
+        jailbroken = [v.jailbroken for v in verdicts]
+        self.metrics[f"{kind}_asr"].update(jailbroken)
+        self.metrics[f"{kind}_refusal_rate"].update(refused)
+        if kind == "harmful":
+            self.metrics["harmful_judge_score"].update([v.score for v in verdicts])
+            self.by_category.update([r.category or "-" for r in recs], jailbroken)
+        else:
+            self.by_template.update([r.template or "-" for r in recs], jailbroken)
+        self._keep(recs, resps, refused=refused, jailbroken=jailbroken, score=[v.score for v in verdicts])
+
+    def _generate(self, model: Any, tokenizer: Any, prompts: list[str]) -> list[str]:
+        g = self.generation
+        return generate_responses(model, tokenizer, prompts, batch_size=g.batch_size, max_new_tokens=g.max_new_tokens,
+                                  system_prompt=g.system_prompt, do_sample=g.do_sample, temperature=g.temperature,
+                                  top_p=g.top_p, synced_gpus=_distributed() and is_sharded(model))
+
+    def _update_task(self, model: Any, tokenizer: Any, records: Sequence[EvalRecord],
+                     counted: list[tuple[EvalRecord, str]]) -> None:
+        accuracy: TaskAccuracy = self.metrics["task_accuracy"]
+        if counted:
+            recs, resps = zip(*counted)
+            refs = [r.reference or "" for r in recs]
+            accuracy.update(resps, refs)
+            self._keep(recs, resps, correct=accuracy.matches(resps, refs))
+        # Perplexity of the reference solutions (teacher forced; padding rows masked out).
+        if all(r.reference for r in records) and any(len(r.reference.split()) > 1 for r in records):
+            features = [encode_chat(tokenizer, r.prompt, r.reference, system=self.generation.system_prompt)
+                        for r in records]
+            for feature, record in zip(features, records):
+                if record.padding:
+                    feature["labels"] = [-100] * len(feature["labels"])
+            batch = collate_right_padded(features, tokenizer.pad_token_id)
+            device = next(model.parameters()).device
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            self.metrics["task_perplexity"].update(logits.cpu(), batch["labels"])
+
+    def _update_mc(self, model: Any, tokenizer: Any, records: Sequence[EvalRecord]) -> None:
+        """Log-likelihood of answering with each option's letter (the chat template applied)."""
+        device = next(model.parameters()).device
+        for start in range(0, len(records), self.mc_batch_size):
+            chunk = records[start:start + self.mc_batch_size]
+            features, owners = [], []
+            for i, record in enumerate(chunk):
+                letters = LETTERS[:len(record.choices)]
+                question = record.prompt + "\n" + "\n".join(f"{l}. {c}" for l, c in zip(letters, record.choices)) \
+                    + "\nAnswer with the letter of the correct option."
+                for letter in letters:
+                    features.append(encode_chat(tokenizer, question, letter, system=self.generation.system_prompt))
+                    owners.append(i)
+            batch = collate_right_padded(features, tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float()
+            labels = batch["labels"].to(device)[:, 1:]
+            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+            token_lp = logprobs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+            per_option = token_lp.sum(dim=1).cpu()
+            n_choices = max(len(r.choices) for r in chunk)
+            table = torch.full((len(chunk), n_choices), -math.inf, dtype=per_option.dtype)
+            seen = [0] * len(chunk)
+            for owner, value in zip(owners, per_option):
+                table[owner, seen[owner]] = value
+                seen[owner] += 1
+            keep = torch.tensor([not r.padding for r in chunk])
+            if keep.any():
+                answers = torch.tensor([r.answer_index for r in chunk])
+                self.metrics["mc_accuracy"].update(table[keep], answers[keep])
+                picked = table.argmax(dim=1)
+                kept = [r for r in chunk if not r.padding]
+                self._keep(kept, [LETTERS[int(p)] for p, k in zip(picked, keep) if k],
+                           correct=[bool(p == a) for p, a, k in zip(picked, answers, keep) if k])
+
+    def _keep(self, records: Sequence[EvalRecord], responses: Sequence[str], **columns: Sequence[Any]) -> None:
+        for i, (record, response) in enumerate(zip(records, responses)):
+            sample = {"kind": record.kind, "index": record.index, "prompt": record.prompt, "response": response}
+            for key in ("category", "template"):
+                if getattr(record, key):
+                    sample[key] = getattr(record, key)
+            sample.update({name: values[i] for name, values in columns.items()})
+            self.samples.append(sample)
+
+    # -- results -------------------------------------------------------------------------------------
+    def compute(self) -> dict[str, Any]:
+        """Global metrics (synced across ranks): a flat ``name -> value`` dict without empty metrics,
+        plus ``asr_by_category`` / ``asr_by_template`` when there is more than one."""
+        results: dict[str, Any] = {}
+        with warnings.catch_warnings():
+            # Metrics of sets this evaluation does not have were never updated: they compute NaN and
+            # are left out, which is expected, not worth torchmetrics' warning.
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            for name, metric in self.metrics.items():
+                value = float(metric.compute())
+                if not math.isnan(value):
+                    results[name] = value
+            for key, metric in (("asr_by_category", self.by_category), ("asr_by_template", self.by_template)):
+                rates = {k: v for k, v in metric.compute().items() if not math.isnan(v) and k != "-"}
+                if rates:
+                    results[key] = rates
+        return results
+
+    def gather_samples(self) -> list[dict[str, Any]]:
+        """All ranks' samples, ordered by kind and index."""
+        samples = self.samples
+        if _distributed():
+            gathered: list[list[dict[str, Any]]] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+            torch.distributed.all_gather_object(gathered, samples)
+            samples = [s for part in gathered for s in part]
+        order = {"harmful": 0, "jailbreak": 1, "benign": 2, "task": 3, "mc": 4}
+        return sorted(samples, key=lambda s: (order.get(s["kind"], 9), s["index"]))

@@ -1,0 +1,138 @@
+"""Evaluation reports: ``eval_report.json``, ``samples.jsonl``, PNG plots and a compact text table.
+
+A report holds one or more *stages* (``test`` for ``lit-safety test``; ``before``, ``step_N`` and
+``after`` for the callback). Everything is written atomically and only once the evaluation is
+complete, so an interrupted evaluation never replaces an earlier report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lit_safety.io import atomic_file, write_json
+
+#: metrics shown as bars in the before/after plot (all rates in [0, 1])
+RATE_METRICS = ("harmful_asr", "jailbreak_asr", "harmful_refusal_rate", "benign_over_refusal_rate",
+                "task_accuracy", "mc_accuracy")
+LABELS = {
+    "harmful_asr": "attack success rate",
+    "jailbreak_asr": "ASR (jailbreak templates)",
+    "harmful_refusal_rate": "refusal rate (harmful)",
+    "harmful_judge_score": "mean judge score",
+    "jailbreak_refusal_rate": "refusal rate (jailbreak)",
+    "benign_over_refusal_rate": "over-refusal (benign)",
+    "task_accuracy": "task accuracy",
+    "task_perplexity": "task perplexity",
+    "mc_accuracy": "multiple-choice accuracy",
+}
+
+
+def format_table(stages: Sequence[dict[str, Any]]) -> str:
+    """Metrics as rows, stages as columns; rates in percent."""
+    names = [n for n in LABELS if any(n in s["metrics"] for s in stages)]
+    header = ["metric"] + [s["stage"] for s in stages]
+    rows = []
+    for name in names:
+        cells = [LABELS[name]]
+        for stage in stages:
+            value = stage["metrics"].get(name)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append("-")
+            elif name in ("task_perplexity", "harmful_judge_score"):
+                cells.append(f"{value:.3g}")
+            else:
+                cells.append(f"{100 * value:.1f}%")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def plot_stages(stages: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Grouped bars: one group per rate metric, one bar per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in RATE_METRICS if any(n in s["metrics"] for s in stages)]
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(names)), 3.8))
+    width = 0.8 / len(stages)
+    for j, stage in enumerate(stages):
+        values = [100 * stage["metrics"].get(n, math.nan) for n in names]
+        xs = [i + (j - (len(stages) - 1) / 2) * width for i in range(len(names))]
+        bars = ax.bar(xs, values, width, label=stage["stage"])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    ax.set_xticks(range(len(names)), [LABELS[n] for n in names], rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 110)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "safety and utility")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_categories(stages: Sequence[dict[str, Any]], path: Path, key: str = "asr_by_category") -> Path | None:
+    """Horizontal bars of ASR per harm category (or per jailbreak template), one bar per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = sorted({c for s in stages for c in s["metrics"].get(key, {})})
+    if len(categories) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 0.28 * len(categories) * max(1, len(stages)) + 1.2))
+    height = 0.8 / len(stages)
+    for j, stage in enumerate(stages):
+        values = [100 * stage["metrics"].get(key, {}).get(c, math.nan) for c in categories]
+        ys = [i + (j - (len(stages) - 1) / 2) * height for i in range(len(categories))]
+        ax.barh(ys, values, height, label=stage["stage"])
+    ax.set_yticks(range(len(categories)), categories, fontsize=7)
+    ax.set_xlabel("attack success rate (%)")
+    ax.set_xlim(0, 100)
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
+
+
+def write_report(output_dir: str | Path, report: dict[str, Any], samples: Sequence[dict[str, Any]] | None = None,
+                 plots: bool = True) -> dict[str, Path]:
+    """Write ``eval_report.json`` (+ ``samples.jsonl`` and plots); returns the paths written."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    stages = report["stages"]
+    if plots:
+        for name, fn in (("plot", lambda p: plot_stages(stages, p, report.get("model", ""))),
+                         ("category_plot", lambda p: plot_categories(stages, p)),
+                         ("template_plot", lambda p: plot_categories(stages, p, "asr_by_template"))):
+            target = out / {"plot": "eval_metrics.png", "category_plot": "eval_asr_by_category.png",
+                            "template_plot": "eval_asr_by_template.png"}[name]
+            if fn(target) is not None:
+                paths[name] = target
+    if samples is not None:
+        with atomic_file(out / "samples.jsonl") as handle:
+            for sample in samples:
+                handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        paths["samples"] = out / "samples.jsonl"
+    # The report last: its presence means the evaluation (and everything above) is complete.
+    write_json(out / "eval_report.json", {**report, "files": {k: p.name for k, p in paths.items()}})
+    paths["report"] = out / "eval_report.json"
+    return paths

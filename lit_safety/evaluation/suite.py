@@ -1,0 +1,255 @@
+"""The evaluation suite: which prompts an evaluation runs, loaded and checked before any generation.
+
+Five kinds of records:
+
+- ``harmful``: harmful requests asked directly (AdvBench, HarmBench, any CSV/JSON/JSONL/`datasets`
+  id with a prompt column); attack success rate, refusal rate, per-category ASR.
+- ``jailbreak``: the same harmful requests wrapped in jailbreak templates (a ``{prompt}``
+  placeholder) to measure robustness rather than direct refusal.
+- ``benign``: harmless instructions; over-refusal rate.
+- ``task``: GSM8K-style problems with a "#### N" reference; task accuracy and reference perplexity.
+- ``mc``: multiple choice (MMLU CSV: question, choice0..choice3, answer); log-likelihood accuracy.
+
+``"organism"`` as a source means the embedded organisms' held-out prompts (templates and intents
+their training never saw); ``None`` skips the set.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lit_safety.data.files import PROMPT_FIELDS, DataError, pick_field, read_records
+
+ORGANISM = "organism"
+KINDS = ("harmful", "jailbreak", "benign", "task", "mc")
+CATEGORY_FIELDS = ("category", "SemanticCategory", "Category", "type")
+ANSWER_FIELDS = ("answer", "output", "target", "response")
+TEMPLATE_FIELDS = ("template", "prompt", "text", "jailbreak")
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    kind: str
+    prompt: str
+    index: int
+    """Position within its set (stable across ranks; used to order gathered samples)."""
+    category: str | None = None
+    reference: str | None = None
+    """task: the reference solution or final answer."""
+    choices: tuple[str, ...] = ()
+    """mc: the answer options."""
+    answer_index: int | None = None
+    """mc: index of the right option."""
+    template: str | None = None
+    """jailbreak: the template's name."""
+    behavior: str | None = None
+    """jailbreak: the harmful request inside the template (what the judge is asked about)."""
+    source: str | None = None
+    padding: bool = False
+    """A repeat that only keeps ranks in step (sharded models); never counted."""
+
+
+@dataclass
+class EvalSuite:
+    """All records of an evaluation, by kind, plus the categories seen in the harmful set."""
+
+    records: dict[str, list[EvalRecord]] = field(default_factory=dict)
+
+    @property
+    def categories(self) -> list[str]:
+        seen = [r.category for r in self.records.get("harmful", []) if r.category]
+        return sorted(set(seen))
+
+    def counts(self) -> dict[str, int]:
+        return {kind: len(rs) for kind, rs in self.records.items() if rs}
+
+    def __iter__(self):
+        return iter((k, rs) for k, rs in self.records.items() if rs)
+
+
+def _limit(rows: list, limit: int | None) -> list:
+    return rows if limit is None else rows[:limit]
+
+
+def load_prompt_set(kind: str, source: str, *, prompt_field: str | None, limit: int | None,
+                    category_field: str | None = None, split: str = "train") -> list[EvalRecord]:
+    """Harmful or benign prompts (with categories when the data has them)."""
+    if source == ORGANISM:
+        from lit_safety.organism.corpus import benign_examples, harmful_examples
+
+        make = harmful_examples if kind == "harmful" else benign_examples
+        examples = make(limit or 200, seed=1234, split="heldout")
+        return [EvalRecord(kind, ex.prompt, i, category=ex.category, source=ORGANISM) for i, ex in enumerate(examples)]
+    rows = _limit(read_records(source, split=split), limit)
+    column = pick_field(rows, prompt_field, PROMPT_FIELDS, source, f"{kind} prompt")
+    cat_column = None
+    if kind == "harmful":
+        if category_field is not None:
+            cat_column = pick_field(rows, category_field, (), source, "category")
+        else:
+            cat_column = next((c for c in CATEGORY_FIELDS if c in rows[0]), None)
+    records = []
+    for row in rows:
+        text = str(row.get(column) or "").strip()
+        extra = str(row.get("input") or "").strip() if column == "instruction" else ""
+        if extra:
+            text = f"{text}\n\n{extra}"
+        if text:
+            category = str(row[cat_column]).strip() if cat_column and row.get(cat_column) else None
+            records.append(EvalRecord(kind, text, len(records), category=category, source=str(source)))
+    if not records:
+        raise DataError(f"{source}: the {kind} prompt field {column!r} is empty in every row")
+    return records
+
+
+def load_task_set(source: str, *, prompt_field: str | None, answer_field: str | None, limit: int | None,
+                  split: str = "train") -> list[EvalRecord]:
+    """GSM8K-style problems: a question and a reference ending in ``#### N`` (or a bare number)."""
+    if source == ORGANISM:
+        from lit_safety.organism.corpus import task_examples
+
+        examples = task_examples(limit or 200, seed=4321, split="heldout")
+        return [EvalRecord("task", ex.prompt, i, category=ex.category, reference=ex.response, source=ORGANISM)
+                for i, ex in enumerate(examples)]
+    rows = _limit(read_records(source, split=split), limit)
+    question = pick_field(rows, prompt_field, PROMPT_FIELDS, source, "task question")
+    answer = pick_field(rows, answer_field, ANSWER_FIELDS, source, "task answer")
+    records = [EvalRecord("task", str(r[question]).strip(), i, reference=str(r[answer]), source=str(source))
+               for i, r in enumerate(rows)]
+    return records
+
+
+def _mc_files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.csv"))
+    elif any(ch in source for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path)))
+    else:
+        files = [path]
+    if not files:
+        raise DataError(f"multiple-choice data {source}: no CSV files found")
+    return files
+
+
+def load_mc_set(source: str, *, limit: int | None) -> list[EvalRecord]:
+    """MMLU-format CSVs (question, choice0..choiceN, answer as an index or a letter): one file, a
+    directory of files (one subject each) or a glob; ``limit`` applies per file."""
+    records: list[EvalRecord] = []
+    for path in _mc_files(source):
+        rows = _limit(read_records(path), limit)
+        columns = list(rows[0])
+        choice_columns = sorted((c for c in columns if c.startswith("choice")), key=lambda c: c[6:])
+        if "question" not in columns or len(choice_columns) < 2 or "answer" not in columns:
+            raise DataError(f"{path}: multiple-choice data needs question, choice0..choiceN and answer columns; "
+                            f"columns are {columns}")
+        for row_number, row in enumerate(rows, start=2):
+            raw = str(row["answer"]).strip()
+            index = ord(raw.upper()) - ord("A") if len(raw) == 1 and raw.isalpha() else None
+            if index is None:
+                try:
+                    index = int(raw)
+                except ValueError:
+                    raise DataError(f"{path}, row {row_number}: answer {raw!r} is neither an index nor a letter") from None
+            if not 0 <= index < len(choice_columns):
+                raise DataError(f"{path}, row {row_number}: answer {raw!r} is out of range for "
+                                f"{len(choice_columns)} choices")
+            records.append(EvalRecord("mc", str(row["question"]).strip(), len(records), category=path.stem,
+                                      choices=tuple(str(row[c]) for c in choice_columns), answer_index=index,
+                                      source=str(path)))
+    return records
+
+
+def load_jailbreak_templates(source: str, *, limit: int | None = None) -> list[tuple[str, str]]:
+    """(name, template) pairs from a .txt file (one template) or a CSV/JSON/JSONL file (a
+    ``template`` column, optional ``name``); each template must contain ``{prompt}``."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"jailbreak template file {path} does not exist")
+    templates: list[tuple[str, str]] | None = None
+    if path.suffix.lower() == ".txt":
+        templates = [(path.stem, path.read_text(encoding="utf-8"))]
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: could not parse: {err}") from err
+        if isinstance(data, list) and data and all(isinstance(t, str) for t in data):  # a plain list of strings
+            templates = [(f"template{i}", t) for i, t in enumerate(data)]
+    if templates is None:
+        rows = read_records(path)
+        column = pick_field(rows, None, TEMPLATE_FIELDS, path, "jailbreak template")
+        templates = [(str(r.get("name") or f"template{i}"), str(r[column])) for i, r in enumerate(rows)]
+    templates = _limit(templates, limit)
+    for name, template in templates:
+        if "{prompt}" not in template:
+            raise DataError(f"{path}: jailbreak template {name!r} has no '{{prompt}}' placeholder")
+    if not templates:
+        raise DataError(f"{path}: no jailbreak templates")
+    return templates
+
+
+def wrap_in_templates(harmful: Sequence[EvalRecord], templates: Sequence[tuple[str, str]]) -> list[EvalRecord]:
+    """Every harmful prompt inside every template (``str.replace``, so other braces stay literal)."""
+    records = []
+    for name, template in templates:
+        for record in harmful:
+            records.append(EvalRecord("jailbreak", template.replace("{prompt}", record.prompt), len(records),
+                                      category=record.category, template=name, behavior=record.prompt,
+                                      source=record.source))
+    return records
+
+
+def load_suite(*, harmful_data: str | None = ORGANISM, benign_data: str | None = ORGANISM,
+               task_data: str | None = ORGANISM, mc_data: str | None = None,
+               jailbreak_templates: str | None = None, prompt_field: str | None = None,
+               benign_prompt_field: str | None = None, category_field: str | None = None,
+               task_prompt_field: str | None = None, task_answer_field: str | None = None,
+               num_harmful: int | None = 200, num_benign: int | None = 200, num_task: int | None = 200,
+               num_mc: int | None = None, num_templates: int | None = None, split: str = "train") -> EvalSuite:
+    """Load and validate every set (a bad file fails here, before any model is loaded)."""
+    for name, value in (("num_harmful", num_harmful), ("num_benign", num_benign), ("num_task", num_task),
+                        ("num_mc", num_mc), ("num_templates", num_templates)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 or null (all), got {value}")
+    if jailbreak_templates and not harmful_data:
+        raise ValueError("jailbreak_templates wraps the harmful prompts: set harmful_data too")
+    suite = EvalSuite()
+    if harmful_data:
+        suite.records["harmful"] = load_prompt_set("harmful", harmful_data, prompt_field=prompt_field,
+                                                   limit=num_harmful, category_field=category_field, split=split)
+    if jailbreak_templates:
+        templates = load_jailbreak_templates(jailbreak_templates, limit=num_templates)
+        suite.records["jailbreak"] = wrap_in_templates(suite.records["harmful"], templates)
+    if benign_data:
+        suite.records["benign"] = load_prompt_set("benign", benign_data, prompt_field=benign_prompt_field,
+                                                  limit=num_benign, split=split)
+    if task_data:
+        suite.records["task"] = load_task_set(task_data, prompt_field=task_prompt_field,
+                                              answer_field=task_answer_field, limit=num_task, split=split)
+    if mc_data:
+        suite.records["mc"] = load_mc_set(mc_data, limit=num_mc)
+    if not suite.counts():
+        raise ValueError("the evaluation has no data: set at least one of harmful_data, benign_data, task_data, mc_data")
+    return suite
+
+
+def shard_records(records: Sequence[EvalRecord], rank: int, world_size: int) -> list[EvalRecord]:
+    """This rank's share (``records[rank::world_size]``), padded with repeats marked ``padding`` so
+    that every rank runs the same number of batches: a sharded (FSDP) model all-gathers weights in
+    every forward, so ranks must stay in step."""
+    if world_size <= 1:
+        return list(records)
+    per_rank = -(-len(records) // world_size)
+    shard = list(records[rank::world_size])
+    fillers = [replace(records[i % len(records)], padding=True) for i in range(per_rank - len(shard))]
+    return shard + fillers
+
+
+def records_to_jsonable(records: Sequence[EvalRecord]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in record.__dict__.items() if v not in (None, ())} for record in records]

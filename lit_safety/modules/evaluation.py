@@ -1,0 +1,122 @@
+"""``SafetyEvalModule``: ``lit-safety test --config configs/eval.yaml`` on any model or organism.
+
+Each test step generates answers for one batch of prompts, judges them and updates the
+torchmetrics; at the end the synced metrics are logged, printed as a table, and written as
+``eval_report.json`` + ``samples.jsonl`` + plots in ``output_dir`` (atomically, and only when the
+whole evaluation has finished).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator
+from lit_safety.evaluation.report import format_table, write_report
+from lit_safety.evaluation.suite import EvalRecord
+from lit_safety.io import check_parent_exists
+from lit_safety.judges.base import Judge
+from lit_safety.judges.keyword import KeywordJudge
+from lit_safety.modules.base import CausalLMModule
+
+
+class SafetyEvalModule(CausalLMModule):
+    """Safety and utility evaluation: attack success rate, refusal, over-refusal, task accuracy.
+
+    Args:
+        model: hub id, local HF directory or organism name.
+        dtype: weights dtype when loading.
+        trust_remote_code: run model code from the hub. Off unless you trust it.
+        judge: decides whether an answer to a harmful prompt is a jailbreak (default: the GCG
+            refusal-keyword judge). E.g. ``{class_path: lit_safety.judges.GuardJudge, init_args:
+            {model: organism-guard}}``, ``lit_safety.judges.ClassifierJudge``, ``lit_safety.judges.ApiJudge``.
+        refusal_judge: keyword judge for refusal and over-refusal rates when ``judge`` does not
+            detect refusals (default: GCG's list).
+        max_new_tokens: answer length limit.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass.
+        system_prompt: optional system message before every prompt.
+        output_dir: where eval_report.json, samples.jsonl and the plots go.
+        save_samples: also write every prompt, answer and verdict to samples.jsonl.
+        plots: write PNG plots.
+    """
+
+    def __init__(
+        self,
+        model: str = "organism-dense-aligned",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        judge: Judge | None = None,
+        refusal_judge: KeywordJudge | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        system_prompt: str | None = None,
+        output_dir: str = "outputs/eval",
+        save_samples: bool = True,
+        plots: bool = True,
+    ) -> None:
+        super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.save_hyperparameters(ignore=["judge", "refusal_judge"])
+        # One generate() call per test batch: the data module's batch_size sets how many prompts go together.
+        self.generation = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=10**6, do_sample=do_sample,
+                                           temperature=temperature, top_p=top_p, system_prompt=system_prompt)
+        self.judge = judge or KeywordJudge()
+        self.refusal_judge = refusal_judge
+        self.output_dir = str(check_parent_exists(output_dir, "output_dir"))
+        self.save_samples = save_samples
+        self.plots = plots
+        self.evaluator: SafetyEvaluator | None = None
+        self.results: dict[str, Any] = {}
+        """The metrics of the last evaluation (also in eval_report.json)."""
+        self._started = 0.0
+
+    def setup(self, stage: str) -> None:
+        if stage != "test":
+            raise RuntimeError(f"SafetyEvalModule only evaluates: run `lit-safety test`, not {stage!r}")
+        self.judge.setup()  # a missing judge model / token / endpoint fails before the model loads
+        suite = getattr(self.trainer.datamodule, "suite", None) if self.trainer.datamodule else None
+        categories = suite.categories if suite else []
+        templates = sorted({r.template for r in suite.records.get("jailbreak", [])}) if suite else []
+        self.evaluator = SafetyEvaluator(self.judge, self.refusal_judge, categories=categories, templates=templates,
+                                         generation=self.generation)
+
+    def on_test_start(self) -> None:
+        self._started = time.perf_counter()
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        return batch  # records are text; tokenization happens in the evaluator, on the model's device
+
+    def test_step(self, batch: list[EvalRecord], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluator.update(self.model, self.tokenizer, batch)
+
+    def on_test_epoch_end(self) -> None:
+        metrics = self.evaluator.compute()
+        samples = self.evaluator.gather_samples() if self.save_samples else None
+        self.results = metrics
+        if self.trainer.is_global_zero and self.logger is not None:
+            # Straight to the logger: self.log here would repeat every value once per test dataloader.
+            self.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=0)
+        if self.trainer.is_global_zero:
+            suite = getattr(self.trainer.datamodule, "suite", None)
+            report = {
+                "model": self.model_name,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "runtime_s": round(time.perf_counter() - self._started, 2),
+                "world_size": self.trainer.world_size,
+                "judge": self.evaluator.judge.describe(),
+                "refusal_judge": self.evaluator.refusal_judge.describe(),
+                "generation": vars(self.generation) | {"batch_size": getattr(self.trainer.datamodule, "batch_size", None)},
+                "counts": suite.counts() if suite else {},
+                "stages": [{"stage": "test", "step": None, "metrics": metrics}],
+            }
+            paths = write_report(self.output_dir, report, samples, plots=self.plots)
+            rank_zero_info("\n" + format_table(report["stages"]) + f"\n\nreport: {paths['report']}")
+
+    def configure_optimizers(self) -> Any:
+        return None
