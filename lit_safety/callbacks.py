@@ -14,6 +14,8 @@ import lightning as L
 import torch
 
 from lit_safety.esi.mask import MaskMismatchError, SafetyMask
+from lit_safety.judges.base import Judge
+from lit_safety.judges.keyword import KeywordJudge
 
 
 def find_masked_module(pl_module: torch.nn.Module, mask: SafetyMask) -> torch.nn.Module:
@@ -100,7 +102,8 @@ class SafetyEvalCallback(L.Callback):
         plots: write PNG plots.
     """
 
-    def __init__(self, data: dict[str, Any] | None = None, judge: Any = None, refusal_judge: Any = None,
+    def __init__(self, data: dict[str, Any] | None = None, judge: Judge | None = None,
+                 refusal_judge: KeywordJudge | None = None,
                  before: bool = True, after: bool = True, every_n_steps: int = 0, max_new_tokens: int = 64,
                  batch_size: int = 32, system_prompt: str | None = None, output_dir: str | None = None,
                  tokenizer: str | None = None, model_attr: str = "model", save_samples: bool = True,
@@ -135,7 +138,6 @@ class SafetyEvalCallback(L.Callback):
             return
         from lit_safety.evaluation.evaluator import SafetyEvaluator
         from lit_safety.evaluation.suite import load_suite
-        from lit_safety.judges.keyword import KeywordJudge
 
         self.suite = load_suite(**self.data)  # bad data fails here, before training
         judge = self.judge or KeywordJudge()

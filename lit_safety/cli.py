@@ -46,7 +46,7 @@ def main(args: Sequence[str] | None = None) -> None:
         return
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    LitSafetyCLI(LightningModule, LightningDataModule, args=argv)
+    LitSafetyCLI(LightningModule, LightningDataModule, args=None if args is None else argv)
 
 
 if __name__ == "__main__":

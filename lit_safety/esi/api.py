@@ -134,10 +134,85 @@ def compute_safety_mask(
 def select_mask(params: dict[str, torch.nn.Parameter], *, method: str, ratio: float | None, k: int | None,
                 scope: str, seed: int = 0, metadata: dict[str, Any] | None = None) -> SafetyMask:
     """Scores from the gradients accumulated in ``param.grad`` (or the weights, for the baselines that
-    need none), the exact top-k as a mask, then the gradient buffers are released."""
+    need none), the exact top-k as a mask, then the gradient buffers are released.
+
+    Sharded (FSDP2 DTensor) parameters are scored on each rank's shard and selected with the
+    all-reduced histograms of the exact top-k; every rank returns the same full mask.
+    """
+    from lit_safety.optim.sparse_adamw import is_dtensor
+
+    if any(is_dtensor(p) for p in params.values()):
+        return _select_mask_sharded(params, method=method, ratio=ratio, k=k, scope=scope, seed=seed,
+                                    metadata=metadata)
     scores = selection_scores(method, params, seed=seed)
     select_on = reverse_order(scores) if method == "bottom" else scores
     mask = mask_from_scores(select_on, ratio=ratio, k=k, scope=scope, metadata=metadata, report_scores=scores)
     for p in params.values():
         p.grad = None
     return mask
+
+
+def _sharded_scores(method: str, params: dict[str, torch.nn.Parameter], seed: int) -> dict[str, torch.Tensor]:
+    """This rank's slice of exactly the scores :func:`selection_scores` gives on the full model.
+
+    sigma(W) is computed on the gathered full tensor (one at a time) with the single-process code,
+    so it is bit-identical; random scores are drawn for the full shape and sliced likewise.
+    """
+    from lit_safety.esi.scoring import parameter_std
+    from lit_safety.parallel import local_shard, row_range
+
+    generator = torch.Generator().manual_seed(seed) if method == "random" else None
+    scores = {}
+    for name, p in params.items():
+        local, offset, _ = local_shard(p.detach())
+        grad = p.grad
+        local_grad = local_shard(grad)[0] if grad is not None else torch.zeros_like(local)
+        if method in ("esi", "bottom"):
+            std = parameter_std(p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach(), name)
+            if std.dim() == 3:  # one sigma per expert: keep this shard's experts (rows)
+                first, rows = row_range(p)
+                std = std[first:first + rows]
+            scores[name] = (local_grad * std).abs()
+        elif method == "random":
+            full = torch.rand(p.shape, generator=generator)
+            scores[name] = full.reshape(-1)[offset:offset + local.numel()].reshape(local.shape).to(local.device)
+        elif method == "magnitude":
+            scores[name] = local.float().abs()
+        elif method == "grad":
+            scores[name] = local_grad.float().abs()
+        elif method == "snip":
+            scores[name] = (local_grad.float() * local.float()).abs()
+        else:
+            raise ValueError(f"unknown selection method {method!r}")
+    return scores
+
+
+def _select_mask_sharded(params: dict[str, torch.nn.Parameter], *, method: str, ratio: float | None,
+                         k: int | None, scope: str, seed: int, metadata: dict[str, Any] | None) -> SafetyMask:
+    import torch.distributed as dist
+
+    from lit_safety.esi.topk import select_topk
+    from lit_safety.parallel import local_shard
+
+    scores = _sharded_scores(method, params, seed)
+    offsets = {n: local_shard(p)[1] for n, p in params.items()}
+    full_numel = {n: p.numel() for n, p in params.items()}
+    select_on = reverse_order(scores) if method == "bottom" else scores
+    result = select_topk(select_on, ratio=ratio if k is None else None, k=k, scope=scope, offsets=offsets,
+                         full_numel=full_numel)
+    local = {n: (idx.cpu(), scores[n].reshape(-1)[idx - offsets[n]].float().cpu()) for n, idx in result.indices.items()}
+    gathered: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, local)
+    indices, kept = {}, {}
+    for name in params:
+        parts = sorted((part[name] for part in gathered if name in part), key=lambda t: int(t[0][0]))
+        if parts:
+            indices[name] = torch.cat([i for i, _ in parts])
+            kept[name] = torch.cat([v for _, v in parts])
+    for p in params.values():
+        p.grad = None
+    meta = {"scope": scope, "ratio": ratio if k is None else None, "k_requested": k, "N": result.n, "k": result.k,
+            "threshold": result.threshold, "library_version": __version__, "world_size": dist.get_world_size(),
+            "sharded": True, **(metadata or {})}
+    return SafetyMask(indices=indices, shapes={n: tuple(p.shape) for n, p in params.items()}, scores=kept,
+                      metadata=meta)

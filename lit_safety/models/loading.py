@@ -85,6 +85,36 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, build_organism: bool 
     return name
 
 
+QUANTIZATIONS = ("8bit", "4bit")
+
+
+def quantization_config(quantization: str | None, compute_dtype: str | torch.dtype = "bfloat16") -> Any:
+    """A transformers ``BitsAndBytesConfig`` for ``"8bit"`` / ``"4bit"`` (NF4) loading, or None.
+
+    Quantized weights are for evaluation and judging of large models on small GPUs: they have no
+    gradients, so ESI scoring, SET and SPA need float weights (shard them with FSDP2 instead).
+    Needs a CUDA GPU, bitsandbytes and accelerate; anything else is a clear error here, before loading.
+    """
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS} or null, got {quantization!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"quantization={quantization!r} (bitsandbytes) loads weights on a CUDA GPU, and none is "
+                         "available; evaluate in float32/bfloat16 on CPU instead")
+    import importlib.util
+
+    for package in ("bitsandbytes", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            raise ValueError(f"quantization={quantization!r} needs the {package!r} package: pip install {package}")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=resolve_dtype(compute_dtype))
+
+
 def load_model(
     name_or_path: str | os.PathLike = "organism-dense-aligned",
     *,

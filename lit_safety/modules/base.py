@@ -2,7 +2,7 @@
 
 Loading in ``configure_model`` (not ``__init__``) is what lets sharded strategies (FSDP2 via
 ModelParallelStrategy) build the model on the right device and wrap it before weights exist
-everywhere at once.
+everywhere at once: with a device mesh, every decoder layer and then the root are ``fully_shard``-ed.
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ class CausalLMModule(L.LightningModule):
         if self.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
+        if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategy/fsdp2.yaml): FSDP2
+            from lit_safety.parallel import shard_model
+
+            shard_model(self.model, self.device_mesh)
 
     @property
     def tokenizer(self):

@@ -43,6 +43,7 @@ class ESIScoringModule(CausalLMModule):
         guard_response_prefix: text the guard emits before its verdict ("\\n\\n" for Llama Guard 3).
         gumbel_temperature: Gumbel-softmax temperature of the judge objective.
         judge_max_new_tokens: length of the answers the judge objective generates.
+        gradient_checkpointing: recompute activations in backward (less memory on large models).
         output_dir: where ``mask.safetensors`` and the report go.
         report: write the report (CSV/JSON/PNG) next to the mask.
         seed: seed of the random baseline and the Gumbel noise.
@@ -67,11 +68,13 @@ class ESIScoringModule(CausalLMModule):
         guard_response_prefix: str = "",
         gumbel_temperature: float = 0.3,
         judge_max_new_tokens: int = 32,
+        gradient_checkpointing: bool = False,
         output_dir: str = "outputs/esi",
         report: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code)
+        super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code,
+                         gradient_checkpointing=gradient_checkpointing)
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         check_selection_args(method, ratio if k is None else None, k, scope)

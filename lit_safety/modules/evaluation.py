@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator
@@ -30,6 +31,8 @@ class SafetyEvalModule(CausalLMModule):
         model: hub id, local HF directory or organism name.
         dtype: weights dtype when loading.
         trust_remote_code: run model code from the hub. Off unless you trust it.
+        quantization: ``8bit`` or ``4bit`` (bitsandbytes, CUDA) to evaluate a large model on a small
+            GPU; null loads ``dtype`` weights.
         judge: decides whether an answer to a harmful prompt is a jailbreak (default: the GCG
             refusal-keyword judge). E.g. ``{class_path: lit_safety.judges.GuardJudge, init_args:
             {model: organism-guard}}``, ``lit_safety.judges.ClassifierJudge``, ``lit_safety.judges.ApiJudge``.
@@ -50,6 +53,7 @@ class SafetyEvalModule(CausalLMModule):
         model: str = "organism-dense-aligned",
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        quantization: str | None = None,
         judge: Judge | None = None,
         refusal_judge: KeywordJudge | None = None,
         max_new_tokens: int = 64,
@@ -63,6 +67,9 @@ class SafetyEvalModule(CausalLMModule):
     ) -> None:
         super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code)
         self.save_hyperparameters(ignore=["judge", "refusal_judge"])
+        from lit_safety.models.loading import quantization_config
+
+        self.quantization = quantization_config(quantization, compute_dtype=dtype if dtype != "float32" else "bfloat16")
         # One generate() call per test batch: the data module's batch_size sets how many prompts go together.
         self.generation = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=10**6, do_sample=do_sample,
                                            temperature=temperature, top_p=top_p, system_prompt=system_prompt)
@@ -75,6 +82,15 @@ class SafetyEvalModule(CausalLMModule):
         self.results: dict[str, Any] = {}
         """The metrics of the last evaluation (also in eval_report.json)."""
         self._started = 0.0
+
+    def configure_model(self) -> None:
+        if self.model is not None or self.quantization is None:
+            return super().configure_model()
+        from lit_safety.models.loading import load_model
+
+        # bitsandbytes places the quantized weights on the GPU itself (device_map).
+        self.model = load_model(self.model_name, dtype=self.model_dtype, trust_remote_code=self.trust_remote_code,
+                                quantization_config=self.quantization, device_map={"": torch.cuda.current_device()})
 
     def setup(self, stage: str) -> None:
         if stage != "test":

@@ -26,10 +26,11 @@ from lit_safety.esi.api import check_selection_args, compute_safety_mask
 from lit_safety.esi.mask import SafetyMask
 from lit_safety.esi.scoring import ParameterFilter
 from lit_safety.io import atomic_dir, check_parent_exists, write_json
+from lit_safety.optim.sparse_adamw import is_dtensor
 from lit_safety.modules.base import CausalLMModule
 
 INTERVENTIONS = ("set", "spa", "full", "random")
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 
 
 class SafetyInterventionModule(CausalLMModule):
@@ -47,8 +48,9 @@ class SafetyInterventionModule(CausalLMModule):
         esi_data_path: harmful prompts for ESI (``None``: the organism corpus's).
         esi_num_samples: number of harmful prompts for ESI.
         include_lm_head: let the mask (and so SET) cover the output projection.
-        optimizer: ``adamw`` (SET always uses the sparse AdamW), ``adamw8bit`` (bitsandbytes,
-            for SPA/full on GPUs), or ``sgd``.
+        optimizer: ``adamw`` (SET always uses the sparse AdamW), ``adamw8bit`` (bitsandbytes 8-bit
+            state, for SPA/full on GPUs; runs but is slow on CPU; not on FSDP2 shards),
+            ``paged_adamw8bit`` (GPU only), or ``sgd``.
         learning_rate: peak learning rate.
         weight_decay: decoupled weight decay.
         warmup_steps: linear warmup steps (then constant).
@@ -129,6 +131,11 @@ class SafetyInterventionModule(CausalLMModule):
         hp = self.hparams
         if hp.mask_path is not None:
             return SafetyMask.load(hp.mask_path)
+        from lit_safety.parallel import is_sharded
+
+        if self._trainer is not None and not is_sharded(self.model):
+            # Score on the training device (FSDP2 has already moved its shards there).
+            self.model.to(self.trainer.strategy.root_device)
         selection = "random" if hp.method == "random" else hp.selection
         prompts, targets = self._esi_prompts()
         return compute_safety_mask(
@@ -167,10 +174,17 @@ class SafetyInterventionModule(CausalLMModule):
                                     step_in_backward=hp.step_in_backward)
         else:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            if hp.optimizer == "adamw8bit":
+            if hp.optimizer.endswith("adamw8bit") and any(is_dtensor(p) for p in params):
+                raise ValueError(f"optimizer {hp.optimizer} (bitsandbytes) does not support FSDP2 DTensor shards; use "
+                                 "optimizer adamw with configs/strategy/fsdp2.yaml, or adamw8bit with ddp / one device")
+            if hp.optimizer == "paged_adamw8bit" and not params[0].is_cuda:
+                raise ValueError("optimizer paged_adamw8bit pages optimizer state between GPU and CPU memory and needs "
+                                 "a CUDA GPU; use adamw8bit (or adamw) on CPU")
+            if hp.optimizer.endswith("adamw8bit"):
                 import bitsandbytes as bnb
 
-                optimizer = bnb.optim.AdamW8bit(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+                cls = bnb.optim.PagedAdamW8bit if hp.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+                optimizer = cls(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
             elif hp.optimizer == "sgd":
                 optimizer = torch.optim.SGD(params, lr=hp.learning_rate, momentum=0.9, weight_decay=hp.weight_decay)
             else:
@@ -200,13 +214,18 @@ class SafetyInterventionModule(CausalLMModule):
         return int(total)
 
     def on_fit_end(self) -> None:
-        if self.frozen is not None and not self.frozen.verify():
+        from lit_safety.parallel import all_ranks_true, full_state_dict, is_sharded
+
+        self.frozen_verified = None if self.frozen is None else all_ranks_true(self.frozen.verify())
+        if self.frozen_verified is False:
             raise RuntimeError("SPA: a frozen weight changed during training")
+        # Sharded weights are gathered (a collective: every rank takes part) and saved by rank 0.
+        state_dict = full_state_dict(self.model) if self.hparams.save_model and is_sharded(self.model) else None
         if self.trainer.is_global_zero:
-            self.export(Path(self.hparams.output_dir))
+            self.export(Path(self.hparams.output_dir), state_dict=state_dict)
 
     # -- outputs ---------------------------------------------------------------------------------
-    def export(self, out_dir: Path) -> None:
+    def export(self, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write ``model/`` (HF format + tokenizer), ``mask.safetensors``, ``hparams.yaml`` and
         ``summary.json`` into ``out_dir``; ``model/`` replaces an earlier one only when complete."""
         import yaml
@@ -217,12 +236,14 @@ class SafetyInterventionModule(CausalLMModule):
             "trainable_weights": getattr(self, "trainable_weights", None),
             "mask_k": self.mask.k if self.mask else None, "mask_n": self.mask.n if self.mask else None,
             "seconds": time.perf_counter() - self._fit_start,
-            "frozen_verified": None if self.frozen is None else self.frozen.verify(),
+            "frozen_verified": getattr(self, "frozen_verified", None),
+            "world_size": self.trainer.world_size,
         }
         if self.hparams.save_model:
             with atomic_dir(out_dir / "model") as tmp:
-                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
                 self.tokenizer.save_pretrained(tmp)
+                _unwrap_architecture_name(tmp, self.model)
         if self.mask is not None:
             self.mask.save(out_dir / "mask.safetensors")
         from lit_safety.io import atomic_file
@@ -240,3 +261,18 @@ def _mask_state(mask: SafetyMask) -> dict[str, Any]:
 def _mask_from_state(state: dict[str, Any]) -> SafetyMask:
     return SafetyMask(indices=dict(state["indices"]), shapes={n: tuple(s) for n, s in state["shapes"].items()},
                       metadata=dict(state["metadata"]))
+
+
+def _unwrap_architecture_name(model_dir: Path, model: torch.nn.Module) -> None:
+    """FSDP2 swaps the model's class for a subclass named ``FSDP<Original>``, which save_pretrained
+    writes into config.json; put the original class name back."""
+    import json
+
+    from lit_safety.parallel import is_sharded
+
+    if not is_sharded(model):
+        return
+    config_path = Path(model_dir) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architectures"] = [type(model).__bases__[-1].__name__]
+    config_path.write_text(json.dumps(config, indent=2) + "\n")

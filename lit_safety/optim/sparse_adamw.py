@@ -110,6 +110,11 @@ def prepare_model(model: nn.Module, mask: SafetyMask) -> dict[str, nn.Parameter]
     return {name: p for name, (p, _) in selected.items()}  # type: ignore[misc]
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's plain tensor of a DTensor shard (the tensor itself otherwise); shares storage."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def _state_dtype(p: Tensor) -> torch.dtype:
     return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -151,15 +156,17 @@ class SparseAdamW(torch.optim.Optimizer):
         selected = masked_parameters(named_parameters_of(params), mask)
         if not selected:
             raise ValueError("the mask selects no entry of the given parameters")
-        for name, (p, _) in selected.items():
-            if is_dtensor(p):
-                raise NotImplementedError(f"{name!r} is a DTensor; SparseAdamW supports plain tensors only")
+        for name, (p, idx) in list(selected.items()):
+            if is_dtensor(p):  # FSDP2 shard: keep the indices that fall into this rank's rows, made local
+                from lit_safety.optim.frozen import _dtensor_local_indices
+
+                selected[name] = (p, _dtensor_local_indices(name, p, idx))
             if not p.is_floating_point():
                 raise ValueError(f"{name!r} is not a floating-point parameter")
             if not p.requires_grad:
                 raise ValueError(f"{name!r} has selected entries but requires_grad=False; "
                                  "call prepare_model(model, mask)")
-            if not p.is_contiguous():
+            if not _local(p).is_contiguous():
                 raise ValueError(f"{name!r} is not contiguous; its flat indices cannot be written in place")
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
@@ -188,11 +195,12 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError("SparseAdamW only handles the parameters of its mask (add_param_group is not supported)")
         idx = self._indices[id(p)]
         dtype = _state_dtype(p)
+        device = _local(p).device
         self.state[p] = {
             "step": torch.tensor(0.0, dtype=torch.float32),
             "indices": idx,
-            "exp_avg": torch.zeros(idx.numel(), dtype=dtype, device=p.device),
-            "exp_avg_sq": torch.zeros(idx.numel(), dtype=dtype, device=p.device),
+            "exp_avg": torch.zeros(idx.numel(), dtype=dtype, device=device),
+            "exp_avg_sq": torch.zeros(idx.numel(), dtype=dtype, device=device),
         }
 
     def state_numel(self) -> int:
@@ -235,10 +243,13 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # -- update ----------------------------------------------------------------------------------
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
-        """One AdamW step on the selected entries of ``p`` (same op order as torch's AdamW)."""
+        """One AdamW step on the selected entries of ``p`` (same op order as torch's AdamW).
+
+        For a DTensor shard the local gradient and weights are used with local indices."""
         grad = p.grad
         if grad is None:
             return
+        grad = _local(grad)
         if grad.is_sparse:
             raise RuntimeError("SparseAdamW does not support sparse gradients")
         state = self.state[p]
@@ -249,7 +260,7 @@ class SparseAdamW(torch.optim.Optimizer):
         g = grad.reshape(-1).index_select(0, idx).to(exp_avg.dtype)
         if group["maximize"]:
             g.neg_()
-        flat = p.view(-1)
+        flat = _local(p).view(-1)
         w = flat.index_select(0, idx).to(exp_avg.dtype)
 
         step_t += 1

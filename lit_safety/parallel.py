@@ -1,0 +1,113 @@
+"""Sharding helpers: FSDP2 (``fully_shard``) per decoder layer, local views of DTensor shards, and a
+full state dict gathered for export.
+
+lit-safety's modules call :func:`shard_model` from ``configure_model`` when Lightning's
+``ModelParallelStrategy`` hands them a device mesh (``configs/strategy/fsdp2.yaml``). Every FSDP2
+parameter is a DTensor sharded on dim 0 (``Shard(0)``), so each rank's local tensor is a contiguous
+block of rows, i.e. a contiguous flat slice of the full tensor: global flat mask indices map to
+local ones by an offset.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_safety.optim.sparse_adamw import is_dtensor
+
+DECODER_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+                       "model.language_model.layers", "transformer.blocks")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (Llama, Mistral, Qwen, Mixtral, Gemma, OPT, GPT-2, ...)."""
+    for path in DECODER_LAYER_PATHS:
+        module: Any = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (looked for {DECODER_LAYER_PATHS}); "
+                     "shard it yourself in configure_model")
+
+
+def shard_model(model: nn.Module, device_mesh: Any, *, reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2: ``fully_shard`` each decoder layer, then the root (embeddings, norm, LM head).
+
+    ``device_mesh`` is the 2-D mesh of Lightning's ``ModelParallelStrategy``; parameters are
+    sharded over its ``data_parallel`` axis. A tensor-parallel axis larger than 1 is rejected:
+    lit-safety applies no tensor parallelism, so those ranks would duplicate work.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    names = getattr(device_mesh, "mesh_dim_names", None) or ()
+    if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"the device mesh has tensor_parallel size {device_mesh['tensor_parallel'].size()}; lit-safety shards "
+            "with FSDP2 over data_parallel only. Set the strategy's data_parallel_size to the number of devices "
+            "and tensor_parallel_size: 1 (configs/strategy/fsdp2.yaml)")
+    mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def local_shard(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(this rank's local tensor, its flat offset in the full tensor, the full tensor's numel).
+
+    Plain tensors are their own shard (offset 0). DTensors must be ``Shard(0)`` or replicated.
+    """
+    if not is_dtensor(p):
+        return p, 0, p.numel()
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in p.placements:
+        if not (isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0)):
+            raise NotImplementedError(f"DTensor placements {p.placements} are not supported (only Shard(0) and "
+                                      "Replicate, as FSDP2 produces)")
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row_numel = 1
+    for d in p.shape[1:]:
+        row_numel *= int(d)
+    flat_offset = int(offset[0]) * row_numel if p.dim() > 0 else 0
+    return p.to_local(), flat_offset, p.numel()
+
+
+def row_range(p: torch.Tensor) -> tuple[int, int]:
+    """(first row, number of rows) of this rank's shard along dim 0."""
+    local, offset, _ = local_shard(p)
+    if p.dim() == 0:
+        return 0, 1
+    row_numel = max(1, math.prod(int(d) for d in p.shape[1:]))
+    return offset // row_numel, int(local.shape[0])
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on CPU; a collective on sharded models (every rank calls it),
+    empty on ranks other than 0."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """Logical AND over ranks (just ``flag`` without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t)
+    return int(t.item()) == 0
