@@ -142,9 +142,7 @@ class SafetyEvalCallback(L.Callback):
         self.suite = load_suite(**self.data)  # bad data fails here, before training
         judge = self.judge or KeywordJudge()
         judge.setup()
-        templates = sorted({r.template for r in self.suite.records.get("jailbreak", [])})
-        self.evaluator = SafetyEvaluator(judge, self.refusal_judge, categories=self.suite.categories,
-                                         templates=templates, generation=self.generation)
+        self.evaluator = SafetyEvaluator.for_suite(self.suite, judge, self.refusal_judge, generation=self.generation)
         if self.output_dir is None:
             module_dir = getattr(getattr(pl_module, "hparams", {}), "get", lambda _: None)("output_dir")
             self.output_dir = os.path.join(module_dir or trainer.default_root_dir, "eval")

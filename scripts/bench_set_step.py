@@ -51,11 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lit_safety.esi.mask import SafetyMask  # noqa: E402
 from lit_safety.optim import SparseAdamW, prepare_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_probe import MALLOC_ENV, malloc_trim, reset_peak, status_kb  # noqa: E402
+
 METHODS = ("set", "set_backward", "masked_dense", "full")
-# glibc raises its mmap threshold after large frees (up to 32 MiB), after which freed tensors stay
-# in the heap and RSS stops tracking live memory. A fixed threshold (which also disables that
-# adjustment) returns every tensor >= 1 MiB to the OS when it is freed, for every method alike.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 SMALL = dict(hidden=256, layers=4, intermediate=688, heads=4, vocab=8000, seq=64)
 
 
@@ -82,34 +81,6 @@ def random_mask(model: torch.nn.Module, ratio: float, seed: int) -> SafetyMask:
             k = max(1, round(ratio * p.numel()))
             indices[name] = torch.randperm(p.numel(), generator=g)[:k].sort().values
     return SafetyMask(indices=indices, shapes=shapes, metadata={"model": "random llama", "ratio": ratio})
-
-
-# ----------------------------------------------------------------------------------- memory
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _malloc_trim() -> None:
-    """Give freed heap pages back to the OS (glibc), so the baseline holds only live memory."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kb("VmHWM") <= _status_kb("VmRSS") + 1024
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------- methods
@@ -220,9 +191,9 @@ def worker(args: argparse.Namespace) -> None:
     mask = random_mask(model, args.ratio, seed=args.seed + 1)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
     gc.collect()
-    _malloc_trim()
-    baseline = _status_kb("VmRSS") * 1024
-    hwm_reset = _reset_hwm()
+    malloc_trim()
+    baseline = status_kb("VmRSS") * 1024
+    hwm_reset = reset_peak()
 
     method = RUNNERS[args.worker](model, mask, args)
     method.setup()
@@ -233,7 +204,7 @@ def worker(args: argparse.Namespace) -> None:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    hwm = _status_kb("VmHWM") * 1024 if hwm_reset else None
+    hwm = status_kb("VmHWM") * 1024 if hwm_reset else None
     numel, nbytes = method.state_numel_bytes()
     result = {
         "method": args.worker,

@@ -41,6 +41,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_probe import reset_peak, status_kb  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lit_safety.esi.topk import k_from_ratio, select_topk  # noqa: E402
 
@@ -149,23 +152,6 @@ RUNNERS = {"ours": run_ours, "torch_topk": run_torch_topk, "sampling": run_sampl
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kb("VmHWM") <= _status_kb("VmRSS") + 1024
-    except OSError:
-        return False
-
-
 # ------------------------------------------------------------------------------ worker
 
 
@@ -188,8 +174,8 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
         peak_measure = "torch.cuda.max_memory_allocated"
     else:
-        baseline = _status_kb("VmRSS") * 1024
-        peak_reset = _reset_peak()
+        baseline = status_kb("VmRSS") * 1024
+        peak_reset = reset_peak()
         peak_measure = "VmHWM after clear_refs" if peak_reset else "ru_maxrss (lifetime)"
 
     times, out = [], None
@@ -204,7 +190,7 @@ def worker(args: argparse.Namespace) -> None:
     if cuda:
         peak = torch.cuda.max_memory_allocated()
     elif peak_reset:
-        peak = _status_kb("VmHWM") * 1024
+        peak = status_kb("VmHWM") * 1024
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

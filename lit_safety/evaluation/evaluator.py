@@ -107,6 +107,13 @@ class SafetyEvaluator(torch.nn.Module):
         self.by_template = CategoryRate(list(templates) or ["-"])
         self.samples: list[dict[str, Any]] = []
 
+    @classmethod
+    def for_suite(cls, suite: Any, judge: Judge | None = None, refusal_judge: KeywordJudge | None = None,
+                  **kwargs: Any) -> SafetyEvaluator:
+        """An evaluator whose per-category / per-template metrics cover ``suite`` (an EvalSuite)."""
+        templates = sorted({r.template for r in suite.records.get("jailbreak", []) if r.template})
+        return cls(judge, refusal_judge, categories=suite.categories, templates=templates, **kwargs)
+
     def reset(self) -> None:
         for metric in (*self.metrics.values(), self.by_category, self.by_template):
             metric.reset()

@@ -96,11 +96,11 @@ class SafetyEvalModule(CausalLMModule):
         if stage != "test":
             raise RuntimeError(f"SafetyEvalModule only evaluates: run `lit-safety test`, not {stage!r}")
         self.judge.setup()  # a missing judge model / token / endpoint fails before the model loads
-        suite = getattr(self.trainer.datamodule, "suite", None) if self.trainer.datamodule else None
-        categories = suite.categories if suite else []
-        templates = sorted({r.template for r in suite.records.get("jailbreak", [])}) if suite else []
-        self.evaluator = SafetyEvaluator(self.judge, self.refusal_judge, categories=categories, templates=templates,
-                                         generation=self.generation)
+        datamodule = self.trainer.datamodule
+        suite = datamodule.load() if hasattr(datamodule, "load") else getattr(datamodule, "suite", None)
+        if suite is None:
+            raise TypeError("SafetyEvalModule needs a SafetyEvalDataModule (or a data module with an EvalSuite `suite`)")
+        self.evaluator = SafetyEvaluator.for_suite(suite, self.judge, self.refusal_judge, generation=self.generation)
 
     def on_test_start(self) -> None:
         self._started = time.perf_counter()
