@@ -6,9 +6,10 @@
 2. Where safety lives: the ESI top-1% of the dense vs the MoE aligned organism, by component,
    layer and expert.
 3. SET on the UNALIGNED organisms: ESI-1% vs random-1% vs bottom-1% vs full fine-tuning, 100
-   steps on refusal pairs (3 of 4 benign), a small learning-rate sweep per method (the best rate
-   per method is reported: lowest ASR with the benign answer rate within 5 points); direct and
-   jailbreak-template ASR, over-refusal, task accuracy, wall time and peak memory.
+   steps on refusal pairs (3 of 4 benign), a small learning-rate sweep per method on the first
+   seed (the best rate per method -- lowest ASR with over-refusal within 5 points of before -- is
+   then repeated on the other seeds and reported); direct and jailbreak-template ASR,
+   over-refusal, task accuracy, wall time and peak memory.
 4. SPA on the ALIGNED organisms: task fine-tuning (arithmetic word problems) with the ESI top-k
    frozen vs random-k frozen vs full fine-tuning; refusal before/after, task accuracy.
 
@@ -79,6 +80,8 @@ class Settings:
     spa_lr: float = 6e-4
     spa_ratio: float = 0.05
     spa_methods: list[str] = field(default_factory=lambda: ["esi", "random", "full"])
+    spa_methods_moe: list[str] = field(default_factory=lambda: ["esi", "full"])
+    """The MoE organism trains ~2x slower; its SPA comparison skips random-k to fit the hour."""
     ratio: float = 0.01
     esi_prompts: int = 256
 
@@ -87,7 +90,7 @@ class Settings:
         return cls(organisms=["dense"], seeds=[0], n_eval=40, perturb_methods=["esi", "random", "bottom"],
                    perturb_scales=[3.0], set_steps=30, set_lrs={"esi": [0.02], "random": [0.02], "bottom": [0.02],
                                                                 "full": [1e-3]},
-                   spa_steps=60, spa_methods=["esi", "full"], esi_prompts=64)
+                   spa_steps=60, spa_methods=["esi", "full"], spa_methods_moe=["esi", "full"], esi_prompts=64)
 
 
 def organism_name(kind: str, variant: str, preset: str) -> str:
@@ -198,9 +201,11 @@ def set_runs(kind: str, s: Settings, meter: Meter, preset: str, workdir: Path, l
     runs = [{"experiment": "set", "organism": kind, "method": "before", "setting": "-", "seed": 0,
              **meter(model, tokenizer)}]
     del model
-    for seed in s.seeds:
+    chosen: dict[str, float] = {}
+    for i, seed in enumerate(s.seeds):
         for method, lrs in s.set_lrs.items():
-            for lr in lrs:
+            # The learning-rate sweep runs on the first seed; the other seeds repeat the chosen rate.
+            for lr in (lrs if i == 0 else [chosen[method]]):
                 data = RefusalDataModule(tokenizer=name, num_samples=2000, benign_ratio=0.75, batch_size=16,
                                          max_length=128, seed=seed)
                 module, seconds, peak = train(name, "full" if method == "full" else "set",
@@ -212,6 +217,10 @@ def set_runs(kind: str, s: Settings, meter: Meter, preset: str, workdir: Path, l
                              "trainable": int(module.trainable_weights)})
                 log(f"SET {kind} {method} lr={lr:g} seed={seed}: ASR {m['asr']:.1%}, over-refusal "
                     f"{m['over_refusal']:.1%} ({seconds:.0f} s)")
+            if i == 0:
+                first = [r for r in runs if r["experiment"] == "set" and r["method"] == method]
+                best = best_set_rows(first, {kind: runs[0]})[0]
+                chosen[method] = float(best["setting"][3:])
     return runs
 
 
@@ -221,8 +230,9 @@ def spa_runs(kind: str, s: Settings, meter: Meter, preset: str, workdir: Path, l
     runs = [{"experiment": "spa", "organism": kind, "method": "before", "setting": "-", "seed": 0,
              **meter(model, tokenizer, kinds=("harmful", "benign", "task"))}]
     del model
+    methods = s.spa_methods_moe if kind == "moe" else s.spa_methods
     for seed in s.seeds:
-        for method in s.spa_methods:
+        for method in methods:
             data = InstructionDataModule(tokenizer=name, num_samples=4000, harmful_ratio=0.0, batch_size=16,
                                          max_length=128, val_fraction=0.0, seed=seed)
             module, seconds, peak = train(name, "full" if method == "full" else "spa",
@@ -269,6 +279,8 @@ def best_set_rows(rows: list[dict], before: dict[str, dict]) -> list[dict]:
             cands = [r for r in rows if r["organism"] == organism and r["method"] == method]
             if not cands:
                 continue
+            most = max(r.get("seeds", 1) for r in cands)  # the rate repeated over all seeds
+            cands = [r for r in cands if r.get("seeds", 1) == most]
             ok = [r for r in cands if r["over_refusal"] <= limit] or cands
             best.append(min(ok, key=lambda r: r["asr"]))
     return best

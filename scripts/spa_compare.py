@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--harmful-ratio", type=float, default=0.1)
     parser.add_argument("--ratio", type=float, default=0.01)
+    parser.add_argument("--scope", default="global", choices=["global", "per_tensor", "per_row"])
     parser.add_argument("-n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("outputs/spa_compare"))
@@ -72,7 +73,7 @@ def main() -> None:
         method, selection = RUNS[name]
         L.seed_everything(args.seed)
         module = SafetyInterventionModule(model=args.model, method=method, selection=selection, ratio=args.ratio,
-                                          learning_rate=args.lr, weight_decay=args.weight_decay,
+                                          scope=args.scope, learning_rate=args.lr, weight_decay=args.weight_decay,
                                           output_dir=str(args.workdir / name), save_model=False, seed=args.seed)
         data = InstructionDataModule(tokenizer=args.model, num_samples=4000, harmful_ratio=args.harmful_ratio,
                                      batch_size=16, max_length=128, val_fraction=0.0, seed=args.seed)

@@ -44,6 +44,8 @@ class SafetyInterventionModule(CausalLMModule):
         selection: how the mask is computed when none is given: ``esi`` (the paper) or a
             baseline (``bottom``, ``random``, ``magnitude``, ``grad``, ``snip``).
         ratio: fraction of the scored weights to select (paper: 0.01).
+        scope: ``global`` (one top-k over all scored weights), ``per_tensor`` (the same fraction of
+            every weight matrix) or ``per_row``.
         objective: ESI objective when computing the mask (``refusal`` or ``compliance``).
         esi_data_path: harmful prompts for ESI (``None``: the organism corpus's).
         esi_num_samples: number of harmful prompts for ESI.
@@ -70,6 +72,7 @@ class SafetyInterventionModule(CausalLMModule):
         mask_path: str | None = None,
         selection: str = "esi",
         ratio: float = 0.01,
+        scope: str = "global",
         objective: str = "refusal",
         esi_data_path: str | None = None,
         esi_num_samples: int = 256,
@@ -93,7 +96,7 @@ class SafetyInterventionModule(CausalLMModule):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        check_selection_args(selection, ratio, None, "global")
+        check_selection_args(selection, ratio, None, scope)
         if objective not in ("refusal", "compliance"):
             raise ValueError(f"objective must be 'refusal' or 'compliance' here, got {objective!r}")
         if mask_path is not None and not Path(mask_path).is_file():
@@ -140,7 +143,7 @@ class SafetyInterventionModule(CausalLMModule):
         prompts, targets = self._esi_prompts()
         return compute_safety_mask(
             self.model, self.tokenizer, prompts, targets=targets, objective=hp.objective, method=selection,
-            ratio=hp.ratio, param_filter=ParameterFilter(include_lm_head=hp.include_lm_head), seed=hp.seed,
+            ratio=hp.ratio, scope=hp.scope, param_filter=ParameterFilter(include_lm_head=hp.include_lm_head), seed=hp.seed,
             metadata={"model": hp.model, "dataset": hp.esi_data_path or "organism corpus"}, progress=False)
 
     def _esi_prompts(self) -> tuple[list[str], list[str] | None]:
