@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -183,13 +186,11 @@ class SafetyEvalCallback(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, Any]:
         """Run the whole suite on this rank's shard; metrics are synced, samples gathered."""
-        import time
-
         from lit_safety.evaluation.suite import shard_records
 
         model, tokenizer = self._model_and_tokenizer(pl_module)
         self.evaluator.reset()
-        self.evaluator.to("cpu")
+        self.evaluator.to(pl_module.device)  # metric states where the collectives run (NCCL needs CUDA)
         started = time.perf_counter()
         for _, records in self.suite:
             shard = shard_records(records, trainer.global_rank, trainer.world_size)
@@ -208,8 +209,6 @@ class SafetyEvalCallback(L.Callback):
             from lit_safety.io import atomic_file
 
             with atomic_file(os.path.join(self.output_dir, f"samples_{stage}.jsonl")) as handle:
-                import json
-
                 for sample in samples:
                     handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
         self._write(trainer, final=False)
@@ -218,8 +217,6 @@ class SafetyEvalCallback(L.Callback):
     def _write(self, trainer: L.Trainer, final: bool) -> None:
         if not trainer.is_global_zero or not self.stages:
             return
-        from pathlib import Path
-
         from lightning.pytorch.utilities import rank_zero_info
 
         from lit_safety.evaluation.report import format_table, write_report
