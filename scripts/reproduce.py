@@ -313,7 +313,7 @@ def markdown(summary: dict, s: Settings) -> str:
                               and x["setting"] == f"r={scale:g}"), None)
                     cells.append(pct(r, "asr") if r else "-")
                 lines.append(f"| {organism} | {method} | " + " | ".join(cells) + " |")
-        lines += ["", f"ESI / random ASR increase at the largest r: {summary.get('perturbation_ratio', {})}", ""]
+        lines += [""]
     loc = summary.get("location", {})
     if loc:
         lines += ["**2. Where the ESI top-1% lives (share of k)**", "", "| organism | by component | by layer | top experts |",
@@ -369,9 +369,11 @@ def claims(summary: dict, s: Settings) -> dict[str, dict]:
     out = {}
     ratios = summary.get("perturbation_ratio", {})
     if ratios:
-        worst = min(ratios.values())
+        worst = min(v["ratio_at_least"] for v in ratios.values())
         out["perturbing ESI top-1% raises ASR >= 3x more than random-1%"] = {
-            "holds": worst >= 3, "detail": ", ".join(f"{k}: {v:.1f}x" for k, v in ratios.items())}
+            "holds": worst >= 3, "detail": ", ".join(
+                f"{k}: ESI {v['esi_rise_points']:+.1f} vs random {v['random_rise_points']:+.1f} points, "
+                f">= {v['ratio_at_least']:.0f}x" for k, v in ratios.items())}
     for organism in s.organisms:
         before = next((r for r in agg if r["experiment"] == "set" and r["organism"] == organism
                        and r["method"] == "before"), None)
@@ -450,6 +452,8 @@ def main() -> None:
     parser.add_argument("--set-steps", type=int, default=None, help="SET steps (default 100; quick 30)")
     parser.add_argument("--spa-steps", type=int, default=None, help="SPA steps (default 1000; quick 60)")
     parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
+    parser.add_argument("--from-results", action="store_true",
+                        help="re-tabulate --out's results.json (same settings flags) without running anything")
     args = parser.parse_args()
     s = Settings.quick() if args.quick else Settings()
     if args.seeds:
@@ -465,21 +469,26 @@ def main() -> None:
         print(f"[{time.perf_counter() - started:7.0f} s] {message}", flush=True)
 
     work = args.out.parent / f".{args.out.name}.work"
-    work.mkdir(parents=True, exist_ok=True)
-    templates = work / "jailbreak_templates.jsonl"
-    templates.write_text("".join(json.dumps(t) + "\n" for t in JAILBREAK_TEMPLATES))
-    meter = Meter(s.n_eval, templates, with_task=True)
     runs: list[dict] = []
     location: dict[str, Any] = {}
-    for kind in s.organisms:
-        if "perturbation" in parts:
-            r, loc = perturbation_and_location(kind, s, meter, args.organism_preset, log)
-            runs += r
-            location[kind] = loc
-        if "set" in parts:
-            runs += set_runs(kind, s, meter, args.organism_preset, work, log)
-        if "spa" in parts:
-            runs += spa_runs(kind, s, meter, args.organism_preset, work, log)
+    if args.from_results:
+        runs = json.loads((args.out / "results.json").read_text())["runs"]
+        location = json.loads((args.out / "summary.json").read_text()).get("location", {})
+        s.organisms = [k for k in s.organisms if any(r["organism"] == k for r in runs)]
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        templates = work / "jailbreak_templates.jsonl"
+        templates.write_text("".join(json.dumps(t) + "\n" for t in JAILBREAK_TEMPLATES))
+        meter = Meter(s.n_eval, templates, with_task=True)
+        for kind in s.organisms:
+            if "perturbation" in parts:
+                r, loc = perturbation_and_location(kind, s, meter, args.organism_preset, log)
+                runs += r
+                location[kind] = loc
+            if "set" in parts:
+                runs += set_runs(kind, s, meter, args.organism_preset, work, log)
+            if "spa" in parts:
+                runs += spa_runs(kind, s, meter, args.organism_preset, work, log)
 
     agg = aggregate(runs)
     summary: dict[str, Any] = {"settings": vars(s), "organism_preset": args.organism_preset, "aggregate": agg,
@@ -487,18 +496,23 @@ def main() -> None:
                                             for k, v in location.items() if v}}
     ratios = {}
     top = f"r={max(s.perturb_scales):g}"
+    resolution = 1.0 / s.n_eval  # one prompt: the smallest ASR change this evaluation can show
     for organism in s.organisms:
         get = {r["method"]: r for r in agg if r["experiment"] == "perturbation" and r["organism"] == organism
                and r["setting"] in (top, "r=0")}
         if "esi" in get and "random" in get and "none" in get:
             rise_esi = get["esi"]["asr"] - get["none"]["asr"]
             rise_random = get["random"]["asr"] - get["none"]["asr"]
-            ratios[organism] = rise_esi / rise_random if rise_random > 0 else (math.inf if rise_esi > 0 else 0.0)
+            # A random rise below one prompt is noise: divide by that resolution (a lower bound).
+            ratios[organism] = {"esi_rise_points": 100 * rise_esi, "random_rise_points": 100 * rise_random,
+                                "ratio_at_least": rise_esi / max(rise_random, resolution)}
     summary["perturbation_ratio"] = ratios
     before = {r["organism"]: r for r in agg if r["experiment"] == "set" and r["method"] == "before"}
     summary["set_best"] = best_set_rows([r for r in agg if r["experiment"] == "set" and r["method"] != "before"], before)
     summary["claims"] = claims(summary, s)
     summary["seconds"] = time.perf_counter() - started
+    if args.from_results:  # keep the run's own wall time
+        summary["seconds"] = json.loads((args.out / "summary.json").read_text())["seconds"]
     table = markdown(summary, s)
     with atomic_dir(args.out) as tmp:  # an interrupted run leaves an earlier results directory intact
         write_json(tmp / "results.json", {"runs": runs})
@@ -511,7 +525,8 @@ def main() -> None:
                     if r.get(metric) is not None:
                         writer.writerow([r["experiment"], r["organism"], r["method"], r["setting"], r["seed"], metric,
                                          r[metric]])
-        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+        argv = [a for a in sys.argv[1:] if a != "--from-results"]
+        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *argv])
         (tmp / "RESULTS.md").write_text(f"# Results\n\nRegenerate: `{command}` ({summary['seconds'] / 60:.0f} min "
                                         f"on this machine)\n\n{table}\n")
         plots(summary, s, tmp)
