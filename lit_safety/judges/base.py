@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,49 @@ class Judge(ABC):
     def describe(self) -> dict:
         """A JSON-able description for reports (never secrets)."""
         return {"name": self.name, "class": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+
+def model_label(model: Any) -> str:
+    """A printable name for a loaded model: its ``name_or_path`` or its class name."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", "") or type(model).__name__
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ModelJudge(Judge):
+    """A judge backed by an HF model (guard LM, sequence classifier): loaded once in :meth:`setup`
+    by :meth:`_load`, placed on ``device``, or wrapped from objects already loaded.
+
+    Subclasses set ``model`` / ``device`` fields, ``_model`` / ``_tokenizer`` = None, and implement
+    ``_load() -> (tokenizer, model)``; their ``setup()`` calls :meth:`_place_model` first.
+    """
+
+    @classmethod
+    def from_pretrained_objects(cls, model: Any, tokenizer: Any, /, **fields: Any):
+        """A judge around an already-loaded model and its tokenizer (left where they are unless
+        ``device`` is given); ``model`` in ``fields`` only names it in reports and errors."""
+        fields.setdefault("model", model_label(model))
+        judge = cls(**fields)
+        judge._model, judge._tokenizer = model, tokenizer
+        judge.setup()
+        return judge
+
+    def _load(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _place_model(self) -> None:
+        """Load (once) and move the model to ``device`` in eval mode."""
+        if self._model is None:
+            self._tokenizer, self._model = self._load()
+            self._model.to(resolve_device(self.device))
+        elif self.device is not None:
+            self._model.to(self.device)
+        self._model.eval()
 
 
 def check_pairs(prompts: Sequence[str], responses: Sequence[str]) -> None:

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lit_safety.judges.base import Judge, Verdict, check_pairs
-from lit_safety.judges.guard import model_label, resolve_device
+from lit_safety.judges.base import ModelJudge, Verdict, check_pairs
 
 INPUT_FIELDS = ("prompt", "response")
 
@@ -38,7 +37,7 @@ def check_input_format(input_format: str) -> None:
 
 
 @dataclass
-class ClassifierJudge(Judge):
+class ClassifierJudge(ModelJudge):
     """Judge with a sequence classifier: score = P(unsafe label).
 
     Attributes:
@@ -90,44 +89,22 @@ class ClassifierJudge(Judge):
         self._label_name: str | None = None
         self._sigmoid = False
 
-    @classmethod
-    def from_pretrained_objects(cls, model: Any, tokenizer: Any, /, **fields: Any) -> ClassifierJudge:
-        """A judge around an already-loaded sequence classifier and its tokenizer (left where they
-        are unless ``device`` is given); ``model`` in ``fields`` only names it in reports and errors."""
-        fields.setdefault("model", model_label(model))
-        judge = cls(**fields)
-        judge._model, judge._tokenizer = model, tokenizer
-        judge.setup()
-        return judge
-
     # ---- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
         """Load the classifier (once) and resolve ``unsafe_label``."""
-        if self._model is None:
-            self._tokenizer, self._model = self._load()
-            self._model.to(resolve_device(self.device))
-        elif self.device is not None:
-            self._model.to(self.device)
-        self._model.eval()
+        self._place_model()
         if self._label_index is None:
             self._resolve_label()
 
     def _load(self) -> tuple[Any, Any]:
-        from pathlib import Path
-
         from transformers import AutoModelForSequenceClassification
 
-        from lit_safety.models.loading import ModelLoadError, load_tokenizer, resolve_dtype, resolve_model_path
+        from lit_safety.models.loading import load_model, load_tokenizer
 
-        source = resolve_model_path(self.model)
         tokenizer = load_tokenizer(self.model, trust_remote_code=self.trust_remote_code, padding_side="right")
-        options: dict[str, Any] = dict(trust_remote_code=self.trust_remote_code, dtype=resolve_dtype(self.dtype))
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(source, **options)
-        except (OSError, ValueError, KeyError) as err:
-            where = f"local directory {source}" if Path(source).exists() else f"hub id {source!r}"
-            raise ModelLoadError(f"could not load a sequence classifier from {where}: {err}") from err
+        model = load_model(self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                           auto_class=AutoModelForSequenceClassification)
         return tokenizer, model
 
     def _resolve_label(self) -> None:

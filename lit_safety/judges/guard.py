@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lit_safety.judges.base import Judge, Verdict, check_pairs
+from lit_safety.judges.base import ModelJudge, Verdict, check_pairs
 
 MODES = ("chat", "harmbench")
 
@@ -56,18 +56,6 @@ HARMBENCH_CLS_PROMPT = (
 """HarmBench's ``LLAMA2_CLS_PROMPT["prompt"]`` (eval_utils.py), the prompt of ``cais/HarmBench-Llama-2-13b-cls``."""
 
 
-def model_label(model: Any) -> str:
-    """A printable name for a loaded model: its ``name_or_path`` or its class name."""
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", "") or type(model).__name__
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def truncate_text(tokenizer: Any, text: str, max_tokens: int) -> str:
     """``text`` cut after its first ``max_tokens`` tokens (unchanged when it is not longer).
 
@@ -89,7 +77,7 @@ def truncate_text(tokenizer: Any, text: str, max_tokens: int) -> str:
 
 
 @dataclass
-class GuardJudge(Judge):
+class GuardJudge(ModelJudge):
     """Judge with a guard LM: P(unsafe) from its next-token logits on the two verdict words.
 
     Attributes:
@@ -151,31 +139,19 @@ class GuardJudge(Judge):
         self._safe_form: str | None = None
         self._unsafe_form: str | None = None
 
-    @classmethod
-    def from_pretrained_objects(cls, model: Any, tokenizer: Any, /, **fields: Any) -> GuardJudge:
-        """A judge around an already-loaded causal LM and its tokenizer (left where they are unless
-        ``device`` is given); ``model`` in ``fields`` only names it in reports and errors."""
-        fields.setdefault("model", model_label(model))
-        judge = cls(**fields)
-        judge._model, judge._tokenizer = model, tokenizer
-        judge.setup()
-        return judge
-
     # ---- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
         """Load the guard (once) and check that both verdict words are single tokens."""
-        if self._model is None:
-            from lit_safety.models.loading import load_model, load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.model, trust_remote_code=self.trust_remote_code)
-            self._model = load_model(self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
-            self._model.to(resolve_device(self.device))
-        elif self.device is not None:
-            self._model.to(self.device)
-        self._model.eval()
+        self._place_model()
         if self._safe_id is None:
             self._check_tokens()
+
+    def _load(self) -> tuple[Any, Any]:
+        from lit_safety.models.loading import load_model, load_tokenizer
+
+        return (load_tokenizer(self.model, trust_remote_code=self.trust_remote_code),
+                load_model(self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code))
 
     def _check_tokens(self) -> None:
         from lit_safety.esi.judge_objective import single_token_id

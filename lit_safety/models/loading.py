@@ -115,6 +115,9 @@ def quantization_config(quantization: str | None, compute_dtype: str | torch.dty
                               bnb_4bit_compute_dtype=resolve_dtype(compute_dtype))
 
 
+_MODEL_KINDS = {"AutoModelForCausalLM": "causal LM", "AutoModelForSequenceClassification": "sequence classifier"}
+
+
 def load_model(
     name_or_path: str | os.PathLike = "organism-dense-aligned",
     *,
@@ -124,10 +127,14 @@ def load_model(
     attn_implementation: str | None = None,
     quantization_config: Any = None,
     device_map: Any = None,
+    auto_class: Any = None,
     **kwargs: Any,
 ):
-    """Load an ``AutoModelForCausalLM`` by hub id, local directory or organism name."""
-    from transformers import AutoModelForCausalLM
+    """Load an ``AutoModelForCausalLM`` (or ``auto_class``, e.g. ``AutoModelForSequenceClassification``)
+    by hub id, local directory or organism name."""
+    if auto_class is None:
+        from transformers import AutoModelForCausalLM as auto_class
+    what = _MODEL_KINDS.get(auto_class.__name__, auto_class.__name__)
 
     source = resolve_model_path(name_or_path)
     options: dict[str, Any] = dict(trust_remote_code=trust_remote_code, **kwargs)
@@ -142,12 +149,12 @@ def load_model(
         if value is not None:
             options[key] = value
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **options)
+        return auto_class.from_pretrained(source, **options)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as err:
         where = f"local directory {source}" if Path(source).exists() else f"hub id {source!r}"
-        raise ModelLoadError(f"could not load a causal LM from {where}: {err}") from err
+        raise ModelLoadError(f"could not load a {what} from {where}: {err}") from err
 
 
 def load_tokenizer(
