@@ -68,17 +68,16 @@ def local_indices(global_indices: Tensor, shape: tuple[int, ...], row_offset: in
 
 
 def _dtensor_local_indices(name: str, p: Tensor, idx: Tensor) -> Tensor:
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    """The global flat ``idx`` of a Shard(0) / replicated DTensor that fall into this rank's rows, made local."""
+    from lit_safety.parallel import row_range
 
-    for placement in p.placements:
-        if not (isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0)):
-            raise NotImplementedError(f"{name!r} is a DTensor with placements {p.placements}; only Replicate and "
-                                      "Shard(0) are supported by FrozenEntries")
-    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    try:
+        first_row, rows = row_range(p)
+    except NotImplementedError as err:
+        raise NotImplementedError(f"{name!r}: {err}") from None
     if p.dim() == 0:
         return idx
-    return local_indices(idx, tuple(p.shape), int(offset[0]), int(local_shape[0]))
+    return local_indices(idx, tuple(p.shape), first_row, rows)
 
 
 class FrozenEntries:
