@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -206,11 +205,9 @@ class SafetyEvalCallback(L.Callback):
             trainer.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
                                        step=trainer.global_step)
         if samples is not None and trainer.is_global_zero:
-            from lit_safety.io import atomic_file
+            from lit_safety.evaluation.report import write_samples
 
-            with atomic_file(os.path.join(self.output_dir, f"samples_{stage}.jsonl")) as handle:
-                for sample in samples:
-                    handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
+            write_samples(os.path.join(self.output_dir, f"samples_{stage}.jsonl"), samples)
         self._write(trainer, final=False)
         return entry
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -17,6 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 from lit_safety.data.chat import collate_right_padded, encode_chat
 from lit_safety.data.files import DataError
@@ -191,11 +192,6 @@ def test_evaluator_counts_match_verdicts_and_references(tiny_dense_aligned, data
     assert by_kind["mc"][0]["response"] == "ABCD"[max(range(4), key=scores.__getitem__)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _evaluate_shard(rank: int, world: int, port: int, options: dict, out: dict) -> None:
     torch.set_num_threads(1)
@@ -223,7 +219,7 @@ def test_two_process_evaluation_equals_single_process(tiny_dense_aligned, data_f
     single = _run_evaluator(options)
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_evaluate_shard, args=(2, _free_port(), options, out), nprocs=2, join=True)
+        mp.spawn(_evaluate_shard, args=(2, free_port(), options, out), nprocs=2, join=True)
         results = dict(out)
     for rank in (0, 1):
         assert results[rank]["metrics"].keys() == single["metrics"].keys()

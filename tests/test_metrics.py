@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 from lit_safety.metrics import (
     AttackSuccessRate,
@@ -95,11 +96,6 @@ def test_perplexity_equals_exp_mean_nll():
 
 
 # -- distributed ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -121,7 +117,7 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
 
 
 def test_metrics_sync_across_two_processes():
-    port = _free_port()
+    port = free_port()
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)

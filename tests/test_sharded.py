@@ -5,7 +5,6 @@ transformers."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+
+from conftest import free_port
 
 from lit_safety.esi.mask import SafetyMask
 
@@ -37,11 +38,6 @@ def _masks_equal(a: SafetyMask, b: SafetyMask) -> bool:
 
 
 # -- FSDP2 shards ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _shard_worker(rank: int, world: int, port: int, out: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
@@ -73,7 +69,7 @@ def _shard_worker(rank: int, world: int, port: int, out: dict) -> None:
 def test_fsdp2_really_shards_every_parameter(tiny_dense_aligned):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_shard_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(_shard_worker, args=(2, free_port(), out), nprocs=2, join=True)
         results = dict(out)
     assert results[0]["kinds"] == {"DTensor"}
     for name, numel in results[0]["full"].items():

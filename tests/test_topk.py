@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -14,6 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 from lit_safety.esi.topk import TopKResult, k_from_ratio, select_topk
 
@@ -347,17 +348,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_process_gloo_matches_single_process():
     world = 2
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False)
+        ctx = mp.spawn(_worker, args=(world, free_port(), out_dir), nprocs=world, join=False)
         deadline = time.monotonic() + 50
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
@@ -439,6 +435,6 @@ def _nccl_worker(rank: int, port: int, out_dir: str) -> None:
 @needs_cuda
 def test_nccl_single_rank_sharded_mode():
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_nccl_worker, args=(_free_port(), out_dir), nprocs=1, join=True)
+        mp.spawn(_nccl_worker, args=(free_port(), out_dir), nprocs=1, join=True)
         got = torch.load(os.path.join(out_dir, "nccl.pt"))
     assert_same(got, ref_global(make_scores("ties", seed=9), 50))

@@ -112,6 +112,14 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(handle, format="png", dpi=120)
 
 
+def write_samples(path: str | Path, samples: Sequence[dict[str, Any]]) -> Path:
+    """Every prompt, answer and verdict as JSON lines (atomically)."""
+    with atomic_file(path) as handle:
+        for sample in samples:
+            handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    return Path(path)
+
+
 def write_report(output_dir: str | Path, report: dict[str, Any], samples: Sequence[dict[str, Any]] | None = None,
                  plots: bool = True) -> dict[str, Path]:
     """Write ``eval_report.json`` (+ ``samples.jsonl`` and plots); returns the paths written."""
@@ -128,10 +136,7 @@ def write_report(output_dir: str | Path, report: dict[str, Any], samples: Sequen
             if fn(target) is not None:
                 paths[name] = target
     if samples is not None:
-        with atomic_file(out / "samples.jsonl") as handle:
-            for sample in samples:
-                handle.write(json.dumps(sample, ensure_ascii=False) + "\n")
-        paths["samples"] = out / "samples.jsonl"
+        paths["samples"] = write_samples(out / "samples.jsonl", samples)
     # The report last: its presence means the evaluation (and everything above) is complete.
     write_json(out / "eval_report.json", {**report, "files": {k: p.name for k, p in paths.items()}})
     paths["report"] = out / "eval_report.json"
