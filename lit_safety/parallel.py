@@ -103,9 +103,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def is_distributed() -> bool:
+    """torch.distributed is initialised with more than one rank."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
 def all_ranks_true(flag: bool) -> bool:
     """Logical AND over ranks (just ``flag`` without torch.distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_distributed():
         return flag
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=device)

@@ -30,6 +30,7 @@ from lit_safety.metrics import (
     RefusalRate,
     TaskAccuracy,
 )
+from lit_safety.parallel import is_distributed, is_sharded
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -59,16 +60,6 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True when any parameter is a DTensor (FSDP2 / tensor parallel)."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
 
 
 class SafetyEvaluator(torch.nn.Module):
@@ -162,7 +153,7 @@ class SafetyEvaluator(torch.nn.Module):
         g = self.generation
         return generate_responses(model, tokenizer, prompts, batch_size=g.batch_size, max_new_tokens=g.max_new_tokens,
                                   system_prompt=g.system_prompt, do_sample=g.do_sample, temperature=g.temperature,
-                                  top_p=g.top_p, synced_gpus=_distributed() and is_sharded(model))
+                                  top_p=g.top_p, synced_gpus=is_distributed() and is_sharded(model))
 
     def _update_task(self, model: Any, tokenizer: Any, records: Sequence[EvalRecord],
                      counted: list[tuple[EvalRecord, str]]) -> None:
@@ -251,7 +242,7 @@ class SafetyEvaluator(torch.nn.Module):
     def gather_samples(self) -> list[dict[str, Any]]:
         """All ranks' samples, ordered by kind and index."""
         samples = self.samples
-        if _distributed():
+        if is_distributed():
             gathered: list[list[dict[str, Any]]] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
             torch.distributed.all_gather_object(gathered, samples)
             samples = [s for part in gathered for s in part]
