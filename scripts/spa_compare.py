@@ -1,9 +1,9 @@
 """SPA on an aligned organism: task fine-tuning with the ESI top-1% frozen vs full fine-tuning vs a
 random 1% frozen.
 
-Each run fine-tunes ``--steps`` steps on the organism's arithmetic word problems, mixed with a share
-of harmful-prompt -> compliant-answer pairs (``--harmful-ratio``: the erosion pressure of harmful
-fine-tuning studies; without it the task data alone barely touches refusal). Before and after, it
+Each run fine-tunes ``--steps`` steps on the organism's arithmetic word problems, optionally with
+erosion pressure: a share of harmful-prompt -> compliant-answer pairs (``--harmful-ratio``, as in
+harmful fine-tuning studies) or task answers in an always-comply style (``--response-prefix``). Before and after, it
 measures the refusal rate on held-out harmful prompts, the benign answer rate, and task accuracy
 (exact match of the "#### N" answer on held-out word problems).
 
@@ -55,8 +55,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--harmful-ratio", type=float, default=0.1)
+    parser.add_argument("--response-prefix", default="",
+                        help='put before every task answer, e.g. "Sure, here is how to solve it. " (always-comply style)')
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--scope", default="global", choices=["global", "per_tensor", "per_row"])
+    parser.add_argument("--objective", default="refusal", choices=["refusal", "compliance"])
+    parser.add_argument("--include-lm-head", action="store_true")
     parser.add_argument("-n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("outputs/spa_compare"))
@@ -73,9 +77,11 @@ def main() -> None:
         method, selection = RUNS[name]
         L.seed_everything(args.seed)
         module = SafetyInterventionModule(model=args.model, method=method, selection=selection, ratio=args.ratio,
-                                          scope=args.scope, learning_rate=args.lr, weight_decay=args.weight_decay,
+                                          scope=args.scope, objective=args.objective,
+                                          include_lm_head=args.include_lm_head, learning_rate=args.lr, weight_decay=args.weight_decay,
                                           output_dir=str(args.workdir / name), save_model=False, seed=args.seed)
         data = InstructionDataModule(tokenizer=args.model, num_samples=4000, harmful_ratio=args.harmful_ratio,
+                                     response_prefix=args.response_prefix,
                                      batch_size=16, max_length=128, val_fraction=0.0, seed=args.seed)
         trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0)

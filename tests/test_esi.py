@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_safety.data.chat import encode_chat
-from lit_safety.esi.api import METHODS, compute_safety_mask
+from lit_safety.esi.api import METHODS, compute_safety_mask, mask_from_scores
 from lit_safety.esi.mask import MaskMismatchError, SafetyMask
 from lit_safety.esi.objectives import ComplianceObjective, RefusalObjective
 from lit_safety.esi.scoring import ParameterFilter, accumulate_safety_gradients, gradients_to_esi_, parameter_std
@@ -161,6 +161,14 @@ def test_bottom_is_exact_reverse_of_esi(tokenizer):
         either = top.bool_mask(name) | bottom.bool_mask(name)
         assert not both.any() and either.all()
     assert max(float(s.max()) for s in bottom.scores.values()) <= min(float(s.min()) for s in top.scores.values())
+
+
+def test_score_share_is_the_selected_fraction_of_all_scores():
+    scores = {"a": torch.tensor([[4.0, 0.5], [3.0, 0.5]]), "b": torch.tensor([2.0, 0.0])}  # sum 10
+    assert mask_from_scores(scores, k=1).metadata["score_share"] == pytest.approx(0.4)
+    assert mask_from_scores(scores, k=3).metadata["score_share"] == pytest.approx(0.9)
+    assert mask_from_scores(scores, k=1, scope="per_tensor").metadata["score_share"] == pytest.approx(0.6)  # 4 + 2
+    assert mask_from_scores({"a": torch.zeros(4)}, k=1).metadata["score_share"] is None
 
 
 def test_random_baseline_is_seeded(tokenizer):

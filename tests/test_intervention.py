@@ -156,3 +156,14 @@ def test_instruction_formats(tmp_path):
     assert InstructionDataModule(data_path=str(gsm)).load_pairs() == [("2+2?", "4\n#### 4")]
     assert InstructionDataModule(data_path=str(alpaca)).load_pairs() == [("Add\n\n2 and 2", "4")]
     assert InstructionDataModule(data_path=str(chat)).load_pairs() == [("hi", "hello")]
+
+
+def test_response_prefix_applies_to_task_answers_only(tmp_path):
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "2+2?", "answer": "4\n#### 4"}) + "\n")
+    prefix = "Sure, here is how to solve it. "
+    assert InstructionDataModule(data_path=str(gsm), response_prefix=prefix).load_pairs() == [("2+2?", prefix + "4\n#### 4")]
+    mixed = InstructionDataModule(tokenizer=MODEL, num_samples=30, harmful_ratio=0.25, response_prefix=prefix).load_pairs()
+    assert len(mixed) == 40
+    assert all(response.startswith(prefix) for _, response in mixed[:30])
+    assert not any(response.startswith(prefix) for _, response in mixed[30:])  # the harmful pairs stay as they are

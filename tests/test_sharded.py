@@ -93,6 +93,8 @@ def test_esi_mask_is_the_same_single_ddp_and_fsdp2(tmp_path, tiny_dense_aligned)
     assert _masks_equal(single, ddp)
     assert _masks_equal(single, fsdp2)
     assert fsdp2.metadata["world_size"] == 2 and fsdp2.metadata["sharded"] is True
+    assert 0.01 < single.metadata["score_share"] < 1.0
+    assert fsdp2.metadata["score_share"] == pytest.approx(single.metadata["score_share"], rel=1e-5)
     for name in single.indices:  # the stored ESI values agree to float tolerance
         torch.testing.assert_close(fsdp2.scores[name], single.scores[name], rtol=1e-5, atol=1e-9)
 

@@ -208,6 +208,9 @@ class InstructionDataModule(ChatPairsDataModule):
         harmful_ratio: share of harmful-prompt -> compliant-answer pairs mixed in (from the organism
             corpus), in [0, 1): the erosion pressure of harmful fine-tuning attack studies, so that
             SPA's protection can be measured. 0 = pure task data.
+        response_prefix: text put before every task answer, e.g. ``"Sure, here is how to solve it. "``:
+            benign data in an always-comply style, the milder erosion pressure of benign
+            fine-tuning studies (the harmful pairs of ``harmful_ratio`` are left as they are).
     """
 
     def __init__(
@@ -218,6 +221,7 @@ class InstructionDataModule(ChatPairsDataModule):
         response_field: str | None = None,
         num_samples: int = 4000,
         harmful_ratio: float = 0.0,
+        response_prefix: str = "",
         batch_size: int = 16,
         max_length: int = 256,
         val_fraction: float = 0.05,
@@ -229,6 +233,9 @@ class InstructionDataModule(ChatPairsDataModule):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if not 0.0 <= harmful_ratio < 1.0:
             raise ValueError(f"harmful_ratio must be in [0, 1), got {harmful_ratio}")
+        if not isinstance(response_prefix, str):
+            raise ValueError(f"response_prefix must be a string, got {type(response_prefix).__name__}")
+        self.response_prefix = response_prefix
         self.data_path = data_path
         self.prompt_field = prompt_field
         self.response_field = response_field
@@ -238,7 +245,7 @@ class InstructionDataModule(ChatPairsDataModule):
 
     def load_pairs(self) -> list[Pair]:
         if self._pairs is None:
-            task = self._load()
+            task = [(prompt, self.response_prefix + response) for prompt, response in self._load()]
             n_harmful = _count_for_share(len(task), self.harmful_ratio)
             if n_harmful:
                 from lit_safety.organism.corpus import harmful_examples

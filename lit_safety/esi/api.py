@@ -69,10 +69,20 @@ def mask_from_scores(
     result = select_topk(scores, ratio=ratio if k is None else None, k=k, scope=scope)
     values = report_scores if report_scores is not None else scores
     kept_scores = {n: values[n].reshape(-1)[idx].float() for n, idx in result.indices.items()}
+    total = sum(float(v.double().sum()) for v in values.values())
     meta = {"scope": scope, "ratio": ratio if k is None else None, "k_requested": k, "N": result.n,
-            "k": result.k, "threshold": result.threshold, "library_version": __version__, **(metadata or {})}
+            "k": result.k, "threshold": result.threshold, "score_share": _share(kept_scores, total),
+            "library_version": __version__, **(metadata or {})}
     return SafetyMask(indices=dict(result.indices), shapes={n: tuple(s.shape) for n, s in scores.items()},
                       scores=kept_scores, metadata=meta)
+
+
+def _share(kept_scores: dict[str, torch.Tensor], total: float) -> float | None:
+    """Fraction of all the scores held by the selected entries: how concentrated the scores are
+    (ESI: the share of the first-order safety sensitivity that the top-k covers)."""
+    if total <= 0:
+        return None
+    return sum(float(v.double().sum()) for v in kept_scores.values()) / total
 
 
 def compute_safety_mask(
@@ -211,8 +221,11 @@ def _select_mask_sharded(params: dict[str, torch.nn.Parameter], *, method: str, 
             kept[name] = torch.cat([v for _, v in parts])
     for p in params.values():
         p.grad = None
+    device = next(iter(scores.values())).device
+    total = torch.tensor(sum(float(v.double().sum()) for v in scores.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
     meta = {"scope": scope, "ratio": ratio if k is None else None, "k_requested": k, "N": result.n, "k": result.k,
-            "threshold": result.threshold, "library_version": __version__, "world_size": dist.get_world_size(),
-            "sharded": True, **(metadata or {})}
+            "threshold": result.threshold, "score_share": _share(kept, float(total)),
+            "library_version": __version__, "world_size": dist.get_world_size(), "sharded": True, **(metadata or {})}
     return SafetyMask(indices=indices, shapes={n: tuple(p.shape) for n, p in params.items()}, scores=kept,
                       metadata=meta)

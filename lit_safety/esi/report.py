@@ -83,6 +83,9 @@ def _comp_key(comp: str) -> int:
 def text_summary(summary: dict[str, Any], top: int = 5) -> str:
     """A few lines for the terminal: where the selected weights concentrate."""
     lines = [f"selected {summary['k']:,} of {summary['n']:,} weights ({summary['ratio']:.3%})"]
+    share = summary["metadata"].get("score_share")
+    if share is not None:
+        lines[0] += f", holding {share:.1%} of the summed scores"
     comps = sorted(summary["by_component"], key=lambda r: -r["density"])
     lines.append("by component (density = share of that component's weights selected): " + ", ".join(
         f"{r['component']} {r['density']:.2%} ({r['share']:.0%} of k)" for r in comps))
