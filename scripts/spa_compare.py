@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--scope", default="global", choices=["global", "per_tensor", "per_row"])
     parser.add_argument("--objective", default="refusal", choices=["refusal", "compliance"])
     parser.add_argument("--include-lm-head", action="store_true")
+    parser.add_argument("--all-parameters", action="store_true", help="score embeddings, norms and lm_head too")
     parser.add_argument("-n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("outputs/spa_compare"))
@@ -78,7 +79,8 @@ def main() -> None:
         L.seed_everything(args.seed)
         module = SafetyInterventionModule(model=args.model, method=method, selection=selection, ratio=args.ratio,
                                           scope=args.scope, objective=args.objective,
-                                          include_lm_head=args.include_lm_head, learning_rate=args.lr, weight_decay=args.weight_decay,
+                                          include_lm_head=args.include_lm_head,
+                                          all_parameters=args.all_parameters, learning_rate=args.lr, weight_decay=args.weight_decay,
                                           output_dir=str(args.workdir / name), save_model=False, seed=args.seed)
         data = InstructionDataModule(tokenizer=args.model, num_samples=4000, harmful_ratio=args.harmful_ratio,
                                      response_prefix=args.response_prefix,

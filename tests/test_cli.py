@@ -76,6 +76,7 @@ def test_esi_job_writes_mask_and_report(tmp_path, tiny_dense_aligned):
     assert sum(r["selected"] for r in report["by_layer_component"]) == mask.k
     assert (out / "heatmap.png").stat().st_size > 1000 and (out / "report_layers.csv").is_file()
     assert "selected" in result.stdout and "by component" in result.stdout
+    assert 0.01 < mask.metadata["score_share"] < 1.0 and "of the summed scores" in result.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -109,6 +109,14 @@ def test_default_filter_excludes_embeddings_norms_lm_head(tokenizer):
         ParameterFilter(exclude=["("])
 
 
+def test_all_parameters_scores_embeddings_norms_and_lm_head(tmp_path, tokenizer):
+    from lit_safety.modules.esi import ESIScoringModule
+
+    model = tiny_llama(tokenizer)
+    module = ESIScoringModule(model="organism-dense-aligned:tiny", all_parameters=True, output_dir=str(tmp_path / "esi"))
+    assert set(module.param_filter.select(model)) == {name for name, _ in model.named_parameters()}
+
+
 def test_moe_sigma_is_per_expert_and_routers_excluded(tokenizer):
     model = tiny_mixtral(tokenizer)
     params = ParameterFilter().select(model)

@@ -76,6 +76,23 @@ def test_spa_keeps_masked_weights_bit_identical_with_weight_decay(tmp_path, orig
     assert json.loads((tmp_path / "spa" / "summary.json").read_text())["frozen_verified"] is True
 
 
+@pytest.mark.parametrize("method", ["set", "spa"])
+def test_all_parameters_masks_cover_embeddings_and_norms(tmp_path, original, method):
+    """all_parameters scores (and so trains or freezes) embeddings, norms and lm_head entries too."""
+    L.seed_everything(0)
+    module = SafetyInterventionModule(model=MODEL, method=method, ratio=0.05, all_parameters=True, weight_decay=0.1,
+                                      learning_rate=5e-3, output_dir=str(tmp_path / method))
+    data = (RefusalDataModule(tokenizer=MODEL, num_samples=64, batch_size=8) if method == "set"
+            else InstructionDataModule(tokenizer=MODEL, num_samples=64, batch_size=8))
+    fit(module, data)
+    mask, trained = module.mask, weights(tmp_path / method)
+    assert set(mask.shapes) == set(original)  # every parameter was scored, norms included
+    assert any("embed_tokens" in n for n in mask.indices) and "lm_head.weight" in mask.indices
+    for name, idx in mask.indices.items():
+        selected_same = torch.equal(trained[name].reshape(-1)[idx], original[name].reshape(-1)[idx])
+        assert selected_same == (method == "spa"), name  # SPA froze them; SET moved them
+
+
 def test_random_and_full_baselines(tmp_path, original):
     L.seed_everything(0)
     rand = SafetyInterventionModule(model=MODEL, method="random", ratio=0.02, output_dir=str(tmp_path / "r"),

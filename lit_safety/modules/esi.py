@@ -37,6 +37,8 @@ class ESIScoringModule(CausalLMModule):
         include: regexes of parameter names to score (default: all decoder weight matrices).
         exclude: regexes of parameter names never scored.
         include_lm_head: score the output projection too (off by default).
+        all_parameters: score every parameter: embeddings, norms, biases, MoE routers and the
+            output projection too (default: decoder weight matrices only).
         guard_model: guard for ``objective=judge`` (hub id, directory or ``organism-guard``).
         guard_safe_token: the guard's "safe" verdict token.
         guard_unsafe_token: the guard's "unsafe" verdict token.
@@ -62,6 +64,7 @@ class ESIScoringModule(CausalLMModule):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         include_lm_head: bool = False,
+        all_parameters: bool = False,
         guard_model: str | None = None,
         guard_safe_token: str = "safe",
         guard_unsafe_token: str | None = "unsafe",
@@ -83,7 +86,9 @@ class ESIScoringModule(CausalLMModule):
         check_parent_exists(output_dir, "output_dir")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.param_filter = ParameterFilter(include=include, exclude=exclude or [], include_lm_head=include_lm_head)
+        self.param_filter = ParameterFilter(include=include, exclude=exclude or [],
+                                            include_lm_head=include_lm_head or all_parameters,
+                                            keep_default_exclusions=not all_parameters)
         self.objective_fn = None
         if objective == "judge" and method in NEEDS_GRADIENTS:  # validates the guard's tokens now
             self.objective_fn = make_objective(

@@ -50,6 +50,8 @@ class SafetyInterventionModule(CausalLMModule):
         esi_data_path: harmful prompts for ESI (``None``: the organism corpus's).
         esi_num_samples: number of harmful prompts for ESI.
         include_lm_head: let the mask (and so SET) cover the output projection.
+        all_parameters: score every parameter (embeddings, norms, biases, MoE routers, output
+            projection), not only the decoder weight matrices.
         optimizer: ``adamw`` (SET always uses the sparse AdamW), ``adamw8bit`` (bitsandbytes 8-bit
             state, for SPA/full on GPUs; runs but is slow on CPU; not on FSDP2 shards),
             ``paged_adamw8bit`` (GPU only), or ``sgd``.
@@ -77,6 +79,7 @@ class SafetyInterventionModule(CausalLMModule):
         esi_data_path: str | None = None,
         esi_num_samples: int = 256,
         include_lm_head: bool = False,
+        all_parameters: bool = False,
         optimizer: str = "adamw",
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
@@ -143,8 +146,13 @@ class SafetyInterventionModule(CausalLMModule):
         prompts, targets = self._esi_prompts()
         return compute_safety_mask(
             self.model, self.tokenizer, prompts, targets=targets, objective=hp.objective, method=selection,
-            ratio=hp.ratio, scope=hp.scope, param_filter=ParameterFilter(include_lm_head=hp.include_lm_head), seed=hp.seed,
+            ratio=hp.ratio, scope=hp.scope, param_filter=self._parameter_filter(), seed=hp.seed,
             metadata={"model": hp.model, "dataset": hp.esi_data_path or "organism corpus"}, progress=False)
+
+    def _parameter_filter(self) -> ParameterFilter:
+        hp = self.hparams
+        return ParameterFilter(include_lm_head=hp.include_lm_head or hp.all_parameters,
+                               keep_default_exclusions=not hp.all_parameters)
 
     def _esi_prompts(self) -> tuple[list[str], list[str] | None]:
         from lit_safety.data.esi import HarmfulPromptsDataModule
