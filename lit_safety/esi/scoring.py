@@ -31,7 +31,8 @@ class ParameterFilter:
         include: regexes; when given, only names matching one of them are scored.
         exclude: regexes of names never scored (applied after ``include``).
         include_lm_head: score the output projection too.
-        keep_default_exclusions: keep the embeddings/norms/biases/routers exclusion.
+        keep_default_exclusions: keep the embeddings/norms/biases/routers/lm_head exclusion
+            (False scores every parameter).
     """
 
     include: Sequence[str] | None = None
@@ -52,9 +53,11 @@ class ParameterFilter:
             return False
         if any(re.search(p, name) for p in self.exclude):
             return False
+        if not self.keep_default_exclusions:
+            return True
         if loc.component == "lm_head" and not self.include_lm_head:
             return False
-        return not (self.keep_default_exclusions and is_excluded_by_default(loc))
+        return not is_excluded_by_default(loc)
 
     def select(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         params = {name: p for name, p in model.named_parameters() if self.accepts(name)}

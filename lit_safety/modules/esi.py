@@ -86,8 +86,7 @@ class ESIScoringModule(CausalLMModule):
         check_parent_exists(output_dir, "output_dir")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.param_filter = ParameterFilter(include=include, exclude=exclude or [],
-                                            include_lm_head=include_lm_head or all_parameters,
+        self.param_filter = ParameterFilter(include=include, exclude=exclude or [], include_lm_head=include_lm_head,
                                             keep_default_exclusions=not all_parameters)
         self.objective_fn = None
         if objective == "judge" and method in NEEDS_GRADIENTS:  # validates the guard's tokens now

@@ -146,13 +146,9 @@ class SafetyInterventionModule(CausalLMModule):
         prompts, targets = self._esi_prompts()
         return compute_safety_mask(
             self.model, self.tokenizer, prompts, targets=targets, objective=hp.objective, method=selection,
-            ratio=hp.ratio, scope=hp.scope, param_filter=self._parameter_filter(), seed=hp.seed,
+            ratio=hp.ratio, scope=hp.scope, seed=hp.seed,
+            param_filter=ParameterFilter(include_lm_head=hp.include_lm_head, keep_default_exclusions=not hp.all_parameters),
             metadata={"model": hp.model, "dataset": hp.esi_data_path or "organism corpus"}, progress=False)
-
-    def _parameter_filter(self) -> ParameterFilter:
-        hp = self.hparams
-        return ParameterFilter(include_lm_head=hp.include_lm_head or hp.all_parameters,
-                               keep_default_exclusions=not hp.all_parameters)
 
     def _esi_prompts(self) -> tuple[list[str], list[str] | None]:
         from lit_safety.data.esi import HarmfulPromptsDataModule
