@@ -14,9 +14,7 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
-
-from lit_safety.optim.sparse_adamw import is_dtensor
+from torch import Tensor, nn
 
 DECODER_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
                        "model.language_model.layers", "transformer.blocks")
@@ -58,6 +56,27 @@ def shard_model(model: nn.Module, device_mesh: Any, *, reshard_after_forward: bo
     return model
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """True for ``torch.distributed.tensor.DTensor`` (without importing it when unavailable)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The plain tensor holding this rank's data of a DTensor (itself otherwise); shares storage."""
+    if is_dtensor(t):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+def _row_numel(shape: tuple[int, ...]) -> int:
+    return math.prod(int(d) for d in shape[1:])
+
+
 def local_shard(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(this rank's local tensor, its flat offset in the full tensor, the full tensor's numel).
 
@@ -73,10 +92,7 @@ def local_shard(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
             raise NotImplementedError(f"DTensor placements {p.placements} are not supported (only Shard(0) and "
                                       "Replicate, as FSDP2 produces)")
     local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    row_numel = 1
-    for d in p.shape[1:]:
-        row_numel *= int(d)
-    flat_offset = int(offset[0]) * row_numel if p.dim() > 0 else 0
+    flat_offset = int(offset[0]) * _row_numel(tuple(p.shape)) if p.dim() > 0 else 0
     return p.to_local(), flat_offset, p.numel()
 
 
@@ -85,8 +101,28 @@ def row_range(p: torch.Tensor) -> tuple[int, int]:
     local, offset, _ = local_shard(p)
     if p.dim() == 0:
         return 0, 1
-    row_numel = max(1, math.prod(int(d) for d in p.shape[1:]))
-    return offset // row_numel, int(local.shape[0])
+    return offset // max(1, _row_numel(tuple(p.shape))), int(local.shape[0])
+
+
+def local_indices(global_indices: Tensor, shape: tuple[int, ...], row_offset: int, local_rows: int) -> Tensor:
+    """Sorted global flat indices that fall into rows ``[row_offset, row_offset + local_rows)``, made local."""
+    row_numel = _row_numel(shape)
+    lo, hi = row_offset * row_numel, (row_offset + local_rows) * row_numel
+    start = int(torch.searchsorted(global_indices, lo))
+    stop = int(torch.searchsorted(global_indices, hi))
+    return global_indices[start:stop] - lo
+
+
+def local_flat_indices(name: str, p: Tensor, idx: Tensor) -> Tensor:
+    """The global flat ``idx`` of a Shard(0) / replicated DTensor ``p`` that fall into this rank's
+    rows, made local (``name`` is for the error message)."""
+    try:
+        first_row, rows = row_range(p)
+    except NotImplementedError as err:
+        raise NotImplementedError(f"{name!r}: {err}") from None
+    if p.dim() == 0:
+        return idx
+    return local_indices(idx, tuple(p.shape), first_row, rows)
 
 
 def is_sharded(model: nn.Module) -> bool:

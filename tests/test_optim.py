@@ -306,7 +306,7 @@ def test_full_selection_equals_torch_adamw_maximize():
 
 # ------------------------------------------------------------------------------------- DTensor
 def test_local_indices_of_a_row_shard():
-    from lit_safety.optim.frozen import local_indices
+    from lit_safety.parallel import local_indices
 
     idx = torch.tensor([1, 5, 9, 15, 16, 23])
     # rows [2, 4) of a (6, 4) tensor hold global flat entries [8, 16)

@@ -149,7 +149,7 @@ def select_mask(params: dict[str, torch.nn.Parameter], *, method: str, ratio: fl
     Sharded (FSDP2 DTensor) parameters are scored on each rank's shard and selected with the
     all-reduced histograms of the exact top-k; every rank returns the same full mask.
     """
-    from lit_safety.optim.sparse_adamw import is_dtensor
+    from lit_safety.parallel import is_dtensor
 
     if any(is_dtensor(p) for p in params.values()):
         return _select_mask_sharded(params, method=method, ratio=ratio, k=k, scope=scope, seed=seed,

@@ -26,8 +26,8 @@ from lit_safety.esi.api import check_selection_args, compute_safety_mask
 from lit_safety.esi.mask import SafetyMask
 from lit_safety.esi.scoring import ParameterFilter
 from lit_safety.io import atomic_dir, check_parent_exists, write_json
-from lit_safety.optim.sparse_adamw import is_dtensor
 from lit_safety.modules.base import CausalLMModule
+from lit_safety.parallel import is_dtensor
 
 INTERVENTIONS = ("set", "spa", "full", "random")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")

@@ -33,7 +33,8 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lit_safety.esi.mask import SafetyMask
-from lit_safety.optim.sparse_adamw import ParamsLike, is_dtensor, masked_parameters, named_parameters_of
+from lit_safety.optim.sparse_adamw import ParamsLike, masked_parameters, named_parameters_of
+from lit_safety.parallel import is_dtensor, local_flat_indices, local_tensor
 
 __all__ = ["FrozenEntries"]
 
@@ -46,38 +47,6 @@ class _Entry:
     param: Tensor
     indices: Tensor  # local flat indices (into the local shard for DTensor)
     values: Tensor  # original values, same dtype as the parameter
-
-
-def _local(t: Tensor) -> Tensor:
-    """The plain tensor holding this rank's data (itself for non-DTensors)."""
-    if is_dtensor(t):
-        with torch.no_grad():
-            return t.to_local()
-    return t
-
-
-def local_indices(global_indices: Tensor, shape: tuple[int, ...], row_offset: int, local_rows: int) -> Tensor:
-    """Global flat indices that fall into rows ``[row_offset, row_offset + local_rows)``, made local."""
-    row_numel = 1
-    for d in shape[1:]:
-        row_numel *= int(d)
-    lo, hi = row_offset * row_numel, (row_offset + local_rows) * row_numel
-    start = int(torch.searchsorted(global_indices, lo))
-    stop = int(torch.searchsorted(global_indices, hi))
-    return global_indices[start:stop] - lo
-
-
-def _dtensor_local_indices(name: str, p: Tensor, idx: Tensor) -> Tensor:
-    """The global flat ``idx`` of a Shard(0) / replicated DTensor that fall into this rank's rows, made local."""
-    from lit_safety.parallel import row_range
-
-    try:
-        first_row, rows = row_range(p)
-    except NotImplementedError as err:
-        raise NotImplementedError(f"{name!r}: {err}") from None
-    if p.dim() == 0:
-        return idx
-    return local_indices(idx, tuple(p.shape), first_row, rows)
 
 
 class FrozenEntries:
@@ -109,10 +78,10 @@ class FrozenEntries:
         self.entries: list[_Entry] = []
         self._hooks: list[RemovableHandle] = []
         for name, (p, idx) in masked_parameters(named_parameters_of(model_or_params), mask).items():
-            local = _local(p)
+            local = local_tensor(p)
             full = idx.numel() == p.numel()  # global count, also for DTensor shards
             if is_dtensor(p):
-                idx = _dtensor_local_indices(name, p, idx)
+                idx = local_flat_indices(name, p, idx)
             if not local.is_contiguous():
                 raise ValueError(f"{name!r} is not contiguous; its flat indices cannot be written in place")
             values = local.detach().view(-1).index_select(0, idx)
@@ -139,7 +108,7 @@ class FrozenEntries:
         def hook(p: Tensor) -> None:
             if p.grad is not None:
                 with torch.no_grad():
-                    _local(p.grad).view(-1).index_fill_(0, entry.indices, 0)
+                    local_tensor(p.grad).view(-1).index_fill_(0, entry.indices, 0)
 
         return hook
 
@@ -148,13 +117,13 @@ class FrozenEntries:
         """Zero the frozen entries of every present gradient (the hooks already do this)."""
         for e in self.entries:
             if e.param.grad is not None:
-                _local(e.param.grad).view(-1).index_fill_(0, e.indices, 0)
+                local_tensor(e.param.grad).view(-1).index_fill_(0, e.indices, 0)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Write the stored values back (exact copy, so bit-identical to the original)."""
         for e in self.entries:
-            _local(e.param).view(-1).index_copy_(0, e.indices, e.values)
+            local_tensor(e.param).view(-1).index_copy_(0, e.indices, e.values)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Call :meth:`restore` after every ``optimizer.step()`` (any ``torch.optim.Optimizer``)."""
@@ -174,7 +143,7 @@ class FrozenEntries:
     # -- checks ----------------------------------------------------------------------------------
     def _current(self, e: _Entry, named: Mapping[str, Tensor] | None) -> Tensor:
         p = named[e.name] if named is not None else e.param
-        return _local(p).detach().reshape(-1).index_select(0, e.indices)
+        return local_tensor(p).detach().reshape(-1).index_select(0, e.indices)
 
     @torch.no_grad()
     def verify(self, model: ParamsLike | None = None) -> bool:

@@ -40,22 +40,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lit_safety.esi.mask import MaskMismatchError, SafetyMask
+from lit_safety.parallel import is_dtensor, local_flat_indices, local_tensor
 
-__all__ = ["SparseAdamW", "prepare_model", "named_parameters_of", "masked_parameters", "is_dtensor"]
+__all__ = ["SparseAdamW", "prepare_model", "named_parameters_of", "masked_parameters"]
 
 ParamsLike = nn.Module | Mapping[str, Tensor]
 
 
 # ------------------------------------------------------------------------------------ helpers
-def is_dtensor(t: Tensor) -> bool:
-    """True for ``torch.distributed.tensor.DTensor`` (without importing it when unavailable)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
 def named_parameters_of(model_or_params: ParamsLike) -> dict[str, Tensor]:
     """name -> parameter; for a module every name, also tied aliases (``remove_duplicate=False``)."""
     if isinstance(model_or_params, nn.Module):
@@ -90,7 +82,7 @@ def masked_parameters(named: Mapping[str, Tensor], mask: SafetyMask) -> dict[str
             raise ValueError(f"mask indices of {name!r} must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
         if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise ValueError(f"mask indices of {name!r} must be strictly increasing (sorted, no duplicates)")
-        device = p.device if not is_dtensor(p) else p.to_local().device
+        device = local_tensor(p).device
         out[name] = (p, idx.to(device))
     return out
 
@@ -108,11 +100,6 @@ def prepare_model(model: nn.Module, mask: SafetyMask) -> dict[str, nn.Parameter]
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable_ids)
     return {name: p for name, (p, _) in selected.items()}  # type: ignore[misc]
-
-
-def _local(t: Tensor) -> Tensor:
-    """This rank's plain tensor of a DTensor shard (the tensor itself otherwise); shares storage."""
-    return t.to_local() if is_dtensor(t) else t
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -158,15 +145,13 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError("the mask selects no entry of the given parameters")
         for name, (p, idx) in list(selected.items()):
             if is_dtensor(p):  # FSDP2 shard: keep the indices that fall into this rank's rows, made local
-                from lit_safety.optim.frozen import _dtensor_local_indices
-
-                selected[name] = (p, _dtensor_local_indices(name, p, idx))
+                selected[name] = (p, local_flat_indices(name, p, idx))
             if not p.is_floating_point():
                 raise ValueError(f"{name!r} is not a floating-point parameter")
             if not p.requires_grad:
                 raise ValueError(f"{name!r} has selected entries but requires_grad=False; "
                                  "call prepare_model(model, mask)")
-            if not _local(p).is_contiguous():
+            if not local_tensor(p).is_contiguous():
                 raise ValueError(f"{name!r} is not contiguous; its flat indices cannot be written in place")
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
@@ -195,7 +180,7 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError("SparseAdamW only handles the parameters of its mask (add_param_group is not supported)")
         idx = self._indices[id(p)]
         dtype = _state_dtype(p)
-        device = _local(p).device
+        device = local_tensor(p).device
         self.state[p] = {
             "step": torch.tensor(0.0, dtype=torch.float32),
             "indices": idx,
@@ -249,7 +234,7 @@ class SparseAdamW(torch.optim.Optimizer):
         grad = p.grad
         if grad is None:
             return
-        grad = _local(grad)
+        grad = local_tensor(grad)
         if grad.is_sparse:
             raise RuntimeError("SparseAdamW does not support sparse gradients")
         state = self.state[p]
@@ -260,7 +245,7 @@ class SparseAdamW(torch.optim.Optimizer):
         g = grad.reshape(-1).index_select(0, idx).to(exp_avg.dtype)
         if group["maximize"]:
             g.neg_()
-        flat = _local(p).view(-1)
+        flat = local_tensor(p).view(-1)
         w = flat.index_select(0, idx).to(exp_avg.dtype)
 
         step_t += 1
