@@ -69,20 +69,23 @@ def mask_from_scores(
     result = select_topk(scores, ratio=ratio if k is None else None, k=k, scope=scope)
     values = report_scores if report_scores is not None else scores
     kept_scores = {n: values[n].reshape(-1)[idx].float() for n, idx in result.indices.items()}
-    total = sum(float(v.double().sum()) for v in values.values())
     meta = {"scope": scope, "ratio": ratio if k is None else None, "k_requested": k, "N": result.n,
-            "k": result.k, "threshold": result.threshold, "score_share": _share(kept_scores, total),
+            "k": result.k, "threshold": result.threshold, "score_share": _share(kept_scores, _score_sum(values)),
             "library_version": __version__, **(metadata or {})}
     return SafetyMask(indices=dict(result.indices), shapes={n: tuple(s.shape) for n, s in scores.items()},
                       scores=kept_scores, metadata=meta)
 
 
+def _score_sum(scores: dict[str, torch.Tensor]) -> float:
+    return sum(float(v.double().sum()) for v in scores.values())
+
+
 def _share(kept_scores: dict[str, torch.Tensor], total: float) -> float | None:
-    """Fraction of all the scores held by the selected entries: how concentrated the scores are
-    (ESI: the share of the first-order safety sensitivity that the top-k covers)."""
+    """Fraction of all the scores (summing to ``total``) held by the selected entries: how
+    concentrated the scores are (ESI: the share of the first-order safety sensitivity the top-k covers)."""
     if total <= 0:
         return None
-    return sum(float(v.double().sum()) for v in kept_scores.values()) / total
+    return _score_sum(kept_scores) / total
 
 
 def compute_safety_mask(
@@ -222,7 +225,7 @@ def _select_mask_sharded(params: dict[str, torch.nn.Parameter], *, method: str, 
     for p in params.values():
         p.grad = None
     device = next(iter(scores.values())).device
-    total = torch.tensor(sum(float(v.double().sum()) for v in scores.values()), dtype=torch.float64, device=device)
+    total = torch.tensor(_score_sum(scores), dtype=torch.float64, device=device)
     dist.all_reduce(total)
     meta = {"scope": scope, "ratio": ratio if k is None else None, "k_requested": k, "N": result.n, "k": result.k,
             "threshold": result.threshold, "score_share": _share(kept, float(total)),
