@@ -92,8 +92,8 @@ def main() -> None:
         after = measure(module.model, module.tokenizer, args.n)
         after["seconds"] = time.perf_counter() - start
         after["refusal_drop_points"] = 100 * (before["refusal_rate"] - after["refusal_rate"])
-        if module.frozen is not None:
-            after["frozen_bit_identical"] = module.frozen.verify()
+        if module.frozen_verified is not None:
+            after["frozen_bit_identical"] = module.frozen_verified
         results[name] = after
         print(name, {k: (f"{v:.1%}" if isinstance(v, float) and k not in ("seconds", "refusal_drop_points") else v)
                      for k, v in after.items()}, flush=True)

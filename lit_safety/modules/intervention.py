@@ -110,6 +110,7 @@ class SafetyInterventionModule(CausalLMModule):
         self.save_hyperparameters()
         self.mask: SafetyMask | None = None
         self.frozen = None
+        self.frozen_verified: bool | None = None  # SPA: set at fit end (all ranks agree)
         self._fit_start = 0.0
 
     # -- mask ------------------------------------------------------------------------------------
@@ -243,7 +244,7 @@ class SafetyInterventionModule(CausalLMModule):
             "trainable_weights": getattr(self, "trainable_weights", None),
             "mask_k": self.mask.k if self.mask else None, "mask_n": self.mask.n if self.mask else None,
             "seconds": time.perf_counter() - self._fit_start,
-            "frozen_verified": getattr(self, "frozen_verified", None),
+            "frozen_verified": self.frozen_verified,
             "world_size": self.trainer.world_size,
         }
         if self.hparams.save_model:
