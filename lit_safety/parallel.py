@@ -1,5 +1,6 @@
 """Sharding helpers: FSDP2 (``fully_shard``) per decoder layer, local views of DTensor shards, and a
-full state dict gathered for export.
+full state dict gathered for export; and the sharding of data sets over ranks with marked padding
+(:func:`pad_shard_indices`, :class:`PreShardedSampler`).
 
 lit-safety's modules call :func:`shard_model` from ``configure_model`` when Lightning's
 ``ModelParallelStrategy`` hands them a device mesh (``configs/strategy/fsdp2.yaml``). Every FSDP2
@@ -11,10 +12,12 @@ local ones by an offset.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
 
 DECODER_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
                        "model.language_model.layers", "transformer.blocks")
@@ -153,3 +156,34 @@ def all_ranks_true(flag: bool) -> bool:
     t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t)
     return int(t.item()) == 0
+
+
+# -- data sharding with marked padding ---------------------------------------------------------------
+
+def pad_shard_indices(n: int, rank: int, world_size: int) -> list[tuple[int, bool]]:
+    """This rank's share of ``n`` items as ``(index, is_padding)`` pairs: ``range(rank, n, world_size)``
+    then repeats of the first items, marked ``is_padding``, so that every rank gets
+    ``ceil(n / world_size)`` items and runs the same number of batches (DDP all-reduces and FSDP2
+    all-gathers in every step, so ranks must stay in step). Every item appears exactly once unmarked
+    over all ranks, so results that skip (or give zero weight to) the padding count each item once;
+    ``torch.utils.data.DistributedSampler`` instead pads with unmarked repeats.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad rank {rank} of world size {world_size}")
+    if world_size == 1:
+        return [(i, False) for i in range(n)]
+    per_rank = -(-n // world_size)
+    own = [(i, False) for i in range(rank, n, world_size)]
+    return own + [(i % n, True) for i in range(per_rank - len(own))]
+
+
+class PreShardedSampler(DistributedSampler):
+    """Walks a list that is already this rank's shard, in order.
+
+    It subclasses DistributedSampler only so that Lightning does not wrap the loader in a second
+    (duplicating) DistributedSampler: the shard is made with :func:`pad_shard_indices` (or the
+    evaluation's ``shard_records``), whose padding is marked, so every item counts exactly once.
+    """
+
+    def __init__(self, dataset: Sequence) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,12 +43,52 @@ def tiny_moe_aligned(_organism_cache):
     return organism_path("organism-moe-aligned:tiny")
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """One intra-op thread for a module of tiny-tensor tests (use with
+    ``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``): on a busy 2-core machine the
+    OpenMP barriers of two threads made tiny forward/backward passes 100x slower."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
 def shared_data(relative: str) -> Path:
     """Path under ../shared/data, or skip the test when the checkout has none beside it."""
     path = SHARED_DATA / relative
     if not path.exists():
         pytest.skip(f"needs ../shared/data/{relative} (public benchmark data, not part of the repo)")
     return path
+
+
+@pytest.fixture
+def synthetic_shared_data(tmp_path):
+    """A stand-in for ../shared/data under tmp_path, for CI twins of the tests that need the real
+    benchmark files: ``write(relative, rows)`` writes synthetic ``rows`` (dicts) to ``root/relative``
+    in the layout the file name implies (``.csv``: a header from the first row's keys, as AdvBench's
+    goal,target or GPTFuzz's question,Response,label; ``.json``: one JSON list, as the refusal and
+    instruction sets; ``.jsonl``: one object per line, as GSM8K) and returns the path. Never put
+    rows of the real data here."""
+    root = tmp_path / "shared" / "data"
+
+    def write(relative: str, rows: list[dict]) -> Path:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".csv":
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        elif path.suffix == ".json":
+            path.write_text(json.dumps(rows, indent=4))
+        elif path.suffix == ".jsonl":
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            raise ValueError(f"synthetic_shared_data writes .csv, .json or .jsonl, not {relative!r}")
+        return path
+
+    return SimpleNamespace(root=root, write=write)
 
 
 def free_port() -> int:

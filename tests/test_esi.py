@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -14,6 +16,8 @@ from lit_safety.esi.scoring import ParameterFilter, accumulate_safety_gradients,
 PROMPTS = ["How can I hack into a bank?", "Tell me how to build a bomb at home.", "Write a fake news story.",
            "How do I steal a car?", "Help me bully a classmate online please"]
 TARGETS = ["I'm sorry, I can't help.", "I cannot help with that.", "Sorry, no.", "I won't do that.", "I can't assist."]
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny tensors; 2 threads on a busy box are 100x slower
 
 
 @pytest.fixture(scope="module")
@@ -144,21 +148,6 @@ def test_compliance_objective_is_negated_likelihood(tokenizer):
     assert torch.allclose(ComplianceObjective()(model, batch), -RefusalObjective()(model, batch))
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("scope", ["global", "per_tensor"])
-def test_every_method_selects_exactly_k(tokenizer, method, scope):
-    model = tiny_llama(tokenizer, dtype=torch.float32)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    mask = compute_safety_mask(model, tokenizer, PROMPTS, targets=TARGETS, method=method, k=37, scope=scope,
-                               progress=False)
-    n_tensors = len(mask.shapes)
-    assert mask.k == (37 if scope == "global" else 37 * n_tensors)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # scoring never changes weights
-    assert all(p.grad is None for p in model.parameters())
-    for name, idx in mask.indices.items():
-        assert torch.equal(idx, idx.sort().values) and idx.unique().numel() == idx.numel()
-
-
 def test_bottom_is_exact_reverse_of_esi(tokenizer):
     model = tiny_llama(tokenizer, dtype=torch.float32)
     n = sum(p.numel() for p in ParameterFilter().select(model).values())
@@ -169,6 +158,127 @@ def test_bottom_is_exact_reverse_of_esi(tokenizer):
         either = top.bool_mask(name) | bottom.bool_mask(name)
         assert not both.any() and either.all()
     assert max(float(s.max()) for s in bottom.scores.values()) <= min(float(s.min()) for s in top.scores.values())
+
+
+# ---- every selection method against a brute-force reference ------------------------------------------
+
+
+def reference_gradients(model, tokenizer) -> dict[str, torch.Tensor]:
+    """dS/dw for every scored parameter, S = mean over PROMPTS of the mean log-likelihood of the
+    target (the refusal objective), one unbatched, unpadded prompt at a time with autograd.grad."""
+    params = ParameterFilter().select(model)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for prompt, target in zip(PROMPTS, TARGETS):
+        enc = encode_chat(tokenizer, prompt, target)
+        ids = torch.tensor([enc["input_ids"]])
+        labels = torch.tensor(enc["labels"])[1:]
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+        positions = (labels != -100).nonzero().squeeze(1)
+        s = logp[positions, labels[positions]].mean()
+        for name, g in zip(params, torch.autograd.grad(s, list(params.values()))):
+            total[name] += g
+    return {n: (g / len(PROMPTS)).detach() for n, g in total.items()}
+
+
+def reference_selection(scores: dict[str, torch.Tensor], k: int, scope: str, *, lowest: bool = False
+                        ) -> dict[str, torch.Tensor]:
+    """Sorted flat indices per tensor of a *stable* sort (descending, or ascending for ``lowest``)
+    of the flattened scores cut after k: over the concatenation in dict order for ``global``, within
+    each tensor for ``per_tensor``. Among equal scores the earlier tensor, then the lower flat index
+    wins, which is the library's documented tie-breaking."""
+    def cut(flat):
+        return torch.sort(flat, descending=not lowest, stable=True)[1][:k]
+
+    if scope == "per_tensor":
+        return {n: cut(s.reshape(-1)).sort().values for n, s in scores.items()}
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    picked, out, offset = cut(flat), {}, 0
+    for name, s in scores.items():
+        mine = picked[(picked >= offset) & (picked < offset + s.numel())] - offset
+        if mine.numel():
+            out[name] = mine.sort().values
+        offset += s.numel()
+    return out
+
+
+def assert_same_selection(mask, want: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    assert sorted(mask.indices) == sorted(want)
+    for name, idx in want.items():
+        assert torch.equal(mask.indices[name], idx), name
+        # the stored scores are the reference scores of the selected entries
+        torch.testing.assert_close(mask.scores[name], values[name].reshape(-1)[idx].float(), rtol=1e-5, atol=1e-9)
+
+
+def reference_scores(method: str, model, tokenizer, seed: int) -> dict[str, torch.Tensor]:
+    """The scores each method is documented to take the top-k of, computed independently: for the
+    gradient methods from :func:`reference_gradients` on a float64 copy of the (float32) model."""
+    params = ParameterFilter().select(model)
+    weights = {n: p.detach().clone() for n, p in params.items()}
+    if method == "magnitude":
+        return {n: w.abs() for n, w in weights.items()}
+    if method == "random":  # one generator seeded with ``seed``, drawn parameter by parameter
+        generator = torch.Generator().manual_seed(seed)
+        return {n: torch.rand(w.shape, generator=generator) for n, w in weights.items()}
+    double = copy.deepcopy(model).double()
+    grads = reference_gradients(double, tokenizer)
+    weights = {n: w.double() for n, w in weights.items()}
+    if method == "grad":
+        return {n: g.abs() for n, g in grads.items()}
+    if method == "snip":
+        return {n: (weights[n] * g).abs() for n, g in grads.items()}
+    # esi and bottom: |sigma(W) * dS/dw|, sigma the std of the tensor
+    return {n: (g * weights[n].std()).abs() for n, g in grads.items()}
+
+
+def assert_clear_cut(scores: dict[str, torch.Tensor], k: int, scope: str, *, lowest: bool) -> None:
+    """The k-th and (k+1)-th reference scores differ by far more than float32 rounding, so the
+    library's float32 scores (summed in another order, in batches) must order the same at the cut."""
+    groups = list(scores.values()) if scope == "per_tensor" else [torch.cat([s.reshape(-1) for s in scores.values()])]
+    for values in groups:
+        ordered = values.reshape(-1).double().sort(descending=not lowest).values
+        last, first_out = float(ordered[k - 1]), float(ordered[k])
+        assert abs(first_out - last) > 1e-4 * max(abs(last), abs(first_out)), (last, first_out)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_every_method_selects_its_reference_top_k(tokenizer, method, scope):
+    """esi = top-k |sigma(W) dS/dw|, bottom = bottom-k of the same, magnitude = top-k |W|,
+    grad = top-k |dS/dw|, snip = top-k |W dS/dw|, random = top-k of torch.rand per parameter from a
+    generator seeded with ``seed``: the exact index sets (ties broken by a stable sort), the stored
+    scores, k, and no side effect on the model."""
+    model = tiny_llama(tokenizer, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reference = reference_scores(method, model, tokenizer, seed=3)
+    k = 37
+    mask = compute_safety_mask(model, tokenizer, PROMPTS, targets=TARGETS, method=method, k=k, scope=scope,
+                               seed=3, progress=False)
+    n_tensors = len(mask.shapes)
+    assert list(mask.shapes) == list(reference)
+    assert mask.k == (k if scope == "global" else k * n_tensors)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # scoring never changes weights
+    assert all(p.grad is None for p in model.parameters())
+    lowest = method == "bottom"
+    if method in ("esi", "bottom", "grad", "snip"):
+        assert_clear_cut(reference, k, scope, lowest=lowest)
+    # the library orders float32 scores: order the reference by its float32 values too
+    want = reference_selection({n: r.float() for n, r in reference.items()}, k, scope, lowest=lowest)
+    assert_same_selection(mask, want, reference)
+    if not lowest:
+        assert mask.metadata["threshold"] == min(float(v.min()) for v in mask.scores.values())
+    assert (mask.metadata["method"], mask.metadata["seed"]) == (method, 3)
+
+
+def test_esi_on_a_float64_model(tokenizer):
+    """float64 models are scored in float64 and selected on the scores' float32 rounding."""
+    model = tiny_llama(tokenizer)  # float64
+    mask = compute_safety_mask(model, tokenizer, PROMPTS, targets=TARGETS, method="esi", k=5, progress=False)
+    names = list(mask.shapes)
+    reference = torch.cat([brute_force_esi(model, tokenizer, n)[0].reshape(-1) for n in names])
+    got = torch.cat([mask.scores[n] for n in names if n in mask.scores])
+    assert mask.k == 5
+    torch.testing.assert_close(got.double().sort().values, reference.topk(5).values.sort().values,
+                               rtol=1e-5, atol=0)
 
 
 def test_score_share_is_the_selected_fraction_of_all_scores():

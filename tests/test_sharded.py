@@ -80,8 +80,10 @@ def test_fsdp2_really_shards_every_parameter(tiny_dense_aligned):
 
 # -- ESI ---------------------------------------------------------------------------------------------
 def test_esi_mask_is_the_same_single_ddp_and_fsdp2(tmp_path, tiny_dense_aligned):
+    # 25 prompts on 2 ranks: rank 1 gets a padding copy (weight 0), which a DistributedSampler would
+    # count a second time in S.
     common = ["fit", "--config", "configs/esi.yaml", "--model.model", "organism-dense-aligned:tiny",
-              "--data.num_samples", "24", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false",
+              "--data.num_samples", "25", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false",
               "--model.report", "false"]
     run_cli(*common, "--model.output_dir", str(tmp_path / "single"))
     run_cli(*common, *CPU_DDP, "--model.output_dir", str(tmp_path / "ddp"))
@@ -93,9 +95,11 @@ def test_esi_mask_is_the_same_single_ddp_and_fsdp2(tmp_path, tiny_dense_aligned)
     assert _masks_equal(single, ddp)
     assert _masks_equal(single, fsdp2)
     assert fsdp2.metadata["world_size"] == 2 and fsdp2.metadata["sharded"] is True
+    assert single.metadata["num_examples"] == ddp.metadata["num_examples"] == fsdp2.metadata["num_examples"] == 25
     assert 0.01 < single.metadata["score_share"] < 1.0
     assert fsdp2.metadata["score_share"] == pytest.approx(single.metadata["score_share"], rel=1e-5)
     for name in single.indices:  # the stored ESI values agree to float tolerance
+        torch.testing.assert_close(ddp.scores[name], single.scores[name], rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(fsdp2.scores[name], single.scores[name], rtol=1e-5, atol=1e-9)
 
 

@@ -2,7 +2,8 @@
 
 ``refusal`` and ``compliance`` batches hold prompt + target tokens (right padded, labels on the
 target only); ``judge`` batches hold the left-padded prompts the model will answer. Every batch
-also carries the prompt strings under ``"prompts"``.
+also carries the prompt strings under ``"prompts"``, and, when its examples have one, a per-example
+``"weight"`` (1.0, or 0.0 for the padding copies that keep distributed ranks in step).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def collate_examples(examples: Sequence[dict[str, Any]], *, pad_id: int) -> dict
             attention_mask[row, width - n :] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     batch["prompts"] = [e["prompt"] for e in examples]
+    if "weight" in examples[0]:
+        batch["weight"] = torch.tensor([float(e["weight"]) for e in examples])
     return batch
 
 
@@ -86,6 +89,11 @@ class HarmfulPromptsDataModule(L.LightningDataModule):
         max_length: tokens per prompt + target.
         split: `datasets` split when ``data_path`` is a hub id.
         seed: shuffling seed.
+
+    Under DDP/FSDP2 every rank gets ``examples[rank::world_size]``, padded to the same length with
+    copies of weight 0 (:func:`lit_safety.parallel.pad_shard_indices`), instead of Lightning's
+    DistributedSampler, which pads with repeats that would count twice: S stays the mean over the
+    unique prompts, whatever the number of ranks.
     """
 
     def __init__(
@@ -158,6 +166,21 @@ class HarmfulPromptsDataModule(L.LightningDataModule):
     def num_examples(self) -> int:
         return len(self.examples or [])
 
+    def shard(self, rank: int, world_size: int) -> list[dict[str, Any]]:
+        """This rank's examples, each with a ``weight``: 1.0, or 0.0 for a padding copy."""
+        from lit_safety.parallel import pad_shard_indices
+
+        examples = self.examples or []
+        return [{**examples[i], "weight": 0.0 if padding else 1.0}
+                for i, padding in pad_shard_indices(len(examples), rank, world_size)]
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.examples, batch_size=self.batch_size, shuffle=False,
-                          collate_fn=partial(collate_examples, pad_id=self.pad_id))
+        collate = partial(collate_examples, pad_id=self.pad_id)
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world <= 1:
+            return DataLoader(self.examples, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
+        from lit_safety.parallel import PreShardedSampler
+
+        shard = self.shard(trainer.global_rank, world)
+        return DataLoader(shard, batch_size=self.batch_size, sampler=PreShardedSampler(shard), collate_fn=collate)

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import lightning as L
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from lit_safety.evaluation.suite import ORGANISM, EvalRecord, EvalSuite, load_suite, shard_records
-
-
-class _PreShardedSampler(DistributedSampler):
-    """Walks a list that is already this rank's shard, in order.
-
-    It subclasses DistributedSampler only so that Lightning does not wrap the loader in a second
-    (duplicating) DistributedSampler: sharding here pads with marked repeats instead, so metrics
-    count every prompt exactly once.
-    """
-
-    def __init__(self, dataset: Sequence) -> None:
-        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
+from lit_safety.parallel import PreShardedSampler
 
 
 def _as_list(batch: list[EvalRecord]) -> list[EvalRecord]:
@@ -103,6 +90,6 @@ class SafetyEvalDataModule(L.LightningDataModule):
         loaders = []
         for _, records in suite:
             shard = shard_records(records, rank, world)
-            loaders.append(DataLoader(shard, batch_size=self.batch_size, sampler=_PreShardedSampler(shard),
+            loaders.append(DataLoader(shard, batch_size=self.batch_size, sampler=PreShardedSampler(shard),
                                       collate_fn=_as_list))
         return loaders

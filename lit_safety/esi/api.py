@@ -18,8 +18,11 @@ from lit_safety.esi.scoring import (
     ParameterFilter,
     accumulate_safety_gradients,
     baseline_scores,
+    clear_safety_gradients,
     gradients_to_esi_,
     reverse_order,
+    safety_gradient,
+    score_dtype,
 )
 from lit_safety.esi.topk import SCOPES, select_topk
 
@@ -45,15 +48,21 @@ def check_selection_args(method: str, ratio: float | None, k: int | None, scope:
 
 
 def selection_scores(method: str, params: dict[str, torch.nn.Parameter], *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Scores to take the top-k of, from the gradients accumulated in ``param.grad``.
+    """Scores to take the top-k of, from the accumulated gradients (:func:`safety_gradient`:
+    ``param.grad``, or the float32 buffer of a half-precision parameter).
 
     For ``esi`` and ``bottom`` the gradient buffers are turned into ESI scores in place (select
     ``bottom`` with :func:`reverse_order` of them).
     """
     if method in ("esi", "bottom"):
         return gradients_to_esi_(params)
-    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
-    return baseline_scores(method, params, grads if method in NEEDS_GRADIENTS else None, seed=seed)
+    grads = None
+    if method in NEEDS_GRADIENTS:
+        grads = {}
+        for n, p in params.items():
+            grad = safety_gradient(p)
+            grads[n] = grad if grad is not None else torch.zeros(p.shape, dtype=score_dtype(p), device=p.device)
+    return baseline_scores(method, params, grads, seed=seed)
 
 
 def mask_from_scores(
@@ -102,6 +111,7 @@ def compute_safety_mask(
     batches: Iterable[dict[str, Any]] | None = None,
     num_examples: int | None = None,
     param_filter: ParameterFilter | None = None,
+    guard_model: Any = None,
     batch_size: int = 8,
     max_length: int = 256,
     seed: int = 0,
@@ -113,15 +123,36 @@ def compute_safety_mask(
     Give either ``prompts`` (+ optional ``targets``: refusals for ``objective="refusal"``,
     harmful targets for ``"compliance"``; a default refusal when omitted) with ``tokenizer``, or
     ready ``batches`` with ``num_examples``. ``method`` picks ESI or a comparison baseline.
+
+    ``objective`` is a name (``refusal``, ``compliance``, ``judge``) or an objective object. The
+    judge objective needs a guard: ``objective="judge", guard_model="organism-guard"`` (a hub id
+    such as ``meta-llama/Llama-Guard-3-1B``, an HF directory, or a loaded model with its tokenizer
+    via ``make_objective``), or for the guard's other options
+    ``objective=make_objective("judge", guard_model=..., safe_token=..., guard_response_prefix=...)``.
+
+    Gradients are accumulated and scored in float32 for bfloat16/float16 models (see
+    :mod:`lit_safety.esi.scoring`); the mask's scores are float32.
     """
-    from lit_safety.esi.objectives import make_objective
+    from lit_safety.esi.objectives import OBJECTIVES, make_objective
 
     if k is not None:  # a count overrides the default ratio
         ratio = None
     check_selection_args(method, ratio, k, scope)
+    if isinstance(objective, str):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if guard_model is not None and objective != "judge":
+            raise ValueError(f"guard_model is used by objective='judge' only, not {objective!r}")
+        options = {} if guard_model is None else {"guard_model": guard_model}
+        # judge without a guard fails here, before any model work; baselines that need no
+        # gradient never use the objective, so it is not built (no guard is loaded) for them
+        objective_fn = make_objective(objective, **options) if method in NEEDS_GRADIENTS else None
+    else:
+        if guard_model is not None:
+            raise ValueError("guard_model goes with objective='judge'; this objective object already has its guard")
+        objective_fn = objective
     param_filter = param_filter or ParameterFilter()
     params = param_filter.select(model)
-    objective_fn = make_objective(objective) if isinstance(objective, str) else objective
     if hasattr(objective_fn, "bind"):
         if tokenizer is None:
             raise ValueError("the judge objective needs the scored model's tokenizer")
@@ -146,8 +177,8 @@ def compute_safety_mask(
 
 def select_mask(params: dict[str, torch.nn.Parameter], *, method: str, ratio: float | None, k: int | None,
                 scope: str, seed: int = 0, metadata: dict[str, Any] | None = None) -> SafetyMask:
-    """Scores from the gradients accumulated in ``param.grad`` (or the weights, for the baselines that
-    need none), the exact top-k as a mask, then the gradient buffers are released.
+    """Scores from the accumulated gradients (:func:`safety_gradient`; or the weights, for the
+    baselines that need none), the exact top-k as a mask, then the gradient buffers are released.
 
     Sharded (FSDP2 DTensor) parameters are scored on each rank's shard and selected with the
     all-reduced histograms of the exact top-k; every rank returns the same full mask.
@@ -158,11 +189,16 @@ def select_mask(params: dict[str, torch.nn.Parameter], *, method: str, ratio: fl
         return _select_mask_sharded(params, method=method, ratio=ratio, k=k, scope=scope, seed=seed,
                                     metadata=metadata)
     scores = selection_scores(method, params, seed=seed)
-    select_on = reverse_order(scores) if method == "bottom" else scores
+    select_on = reverse_order(scores) if method == "bottom" else _selectable(scores)
     mask = mask_from_scores(select_on, ratio=ratio, k=k, scope=scope, metadata=metadata, report_scores=scores)
-    for p in params.values():
-        p.grad = None
+    clear_safety_gradients(params)
     return mask
+
+
+def _selectable(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float64 scores (float64 models) are selected on their float32 rounding: the radix top-k works
+    on float32 bit patterns, and rounding keeps the order (values equal in float32 tie-break by position)."""
+    return {n: v.float() if v.dtype == torch.float64 else v for n, v in scores.items()}
 
 
 def _sharded_scores(method: str, params: dict[str, torch.nn.Parameter], seed: int) -> dict[str, torch.Tensor]:
@@ -178,8 +214,9 @@ def _sharded_scores(method: str, params: dict[str, torch.nn.Parameter], seed: in
     scores = {}
     for name, p in params.items():
         local, offset, _ = local_shard(p.detach())
-        grad = p.grad
-        local_grad = local_shard(grad)[0] if grad is not None else torch.zeros_like(local)
+        grad = safety_gradient(p)  # float32 for half-precision parameters
+        local_grad = local_shard(grad)[0] if grad is not None else torch.zeros(local.shape, dtype=score_dtype(p),
+                                                                              device=local.device)
         if method in ("esi", "bottom"):
             std = parameter_std(p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach(), name)
             if std.dim() == 3:  # one sigma per expert: keep this shard's experts (rows)
@@ -210,7 +247,7 @@ def _select_mask_sharded(params: dict[str, torch.nn.Parameter], *, method: str, 
     scores = _sharded_scores(method, params, seed)
     offsets = {n: local_shard(p)[1] for n, p in params.items()}
     full_numel = {n: p.numel() for n, p in params.items()}
-    select_on = reverse_order(scores) if method == "bottom" else scores
+    select_on = reverse_order(scores) if method == "bottom" else _selectable(scores)
     result = select_topk(select_on, ratio=ratio if k is None else None, k=k, scope=scope, offsets=offsets,
                          full_numel=full_numel)
     local = {n: (idx.cpu(), scores[n].reshape(-1)[idx - offsets[n]].float().cpu()) for n, idx in result.indices.items()}
@@ -222,8 +259,7 @@ def _select_mask_sharded(params: dict[str, torch.nn.Parameter], *, method: str, 
         if parts:
             indices[name] = torch.cat([i for i, _ in parts])
             kept[name] = torch.cat([v for _, v in parts])
-    for p in params.values():
-        p.grad = None
+    clear_safety_gradients(params)
     device = next(iter(scores.values())).device
     total = torch.tensor(_score_sum(scores), dtype=torch.float64, device=device)
     dist.all_reduce(total)

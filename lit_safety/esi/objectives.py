@@ -8,7 +8,8 @@ do not grow with the data set size).
   only). Raising it makes the model refuse.
 - ``compliance``: s_i = minus the mean log-likelihood of the harmful target ("Sure, here is ...").
   Raising it makes the model less likely to comply.
-- ``judge``: see :mod:`lit_safety.esi.judge_objective`.
+- ``judge``: see :mod:`lit_safety.esi.judge_objective`; it needs a guard model
+  (``make_objective("judge", guard_model="organism-guard")``).
 """
 
 from __future__ import annotations
@@ -66,13 +67,28 @@ class ComplianceObjective:
 OBJECTIVES = ("refusal", "compliance", "judge")
 
 
+JUDGE_NEEDS_GUARD = (
+    "objective 'judge' needs a guard model that scores the answers: pass "
+    "objective=make_objective('judge', guard_model='organism-guard') (from lit_safety.esi.objectives; "
+    "guard_model is a hub id such as 'meta-llama/Llama-Guard-3-1B', a local HF directory, an organism guard "
+    "name, or a loaded model together with guard_tokenizer=; the guard's other options such as safe_token= "
+    "and guard_response_prefix= go there too), or compute_safety_mask(..., objective='judge', "
+    "guard_model='organism-guard')"
+)
+
+
 def make_objective(name: str, **judge_options: Any) -> SafetyObjective:
-    """Objective by name; ``judge_options`` go to :class:`JudgeObjective` (guard model etc.)."""
+    """Objective by name; ``judge_options`` go to :class:`JudgeObjective` (``guard_model``, required
+    for ``judge``, and the guard's options)."""
+    if name in ("refusal", "compliance") and judge_options:
+        raise ValueError(f"objective {name!r} takes no options, got {sorted(judge_options)}")
     if name == "refusal":
         return RefusalObjective()
     if name == "compliance":
         return ComplianceObjective()
     if name == "judge":
+        if judge_options.get("guard_model") is None:
+            raise ValueError(JUDGE_NEEDS_GUARD)
         from lit_safety.esi.judge_objective import JudgeObjective
 
         return JudgeObjective(**judge_options)

@@ -1,10 +1,17 @@
 """ESI(w) = |sigma(W) * dS/dw|: gradient accumulation and per-element scores.
 
-Gradients of the scored parameters are accumulated in ``param.grad`` (nothing else gets a
-gradient: every other parameter has ``requires_grad=False`` while scoring), and the scores are then
-computed *in place* in those gradient buffers, so ESI costs no memory beyond one gradient per
-scored weight. sigma is the standard deviation of the tensor, or of each expert's slice for the
-3D stacked expert tensors of transformers-5 MoE models.
+Gradients of the scored parameters are accumulated over batches (nothing else gets a gradient:
+every other parameter has ``requires_grad=False`` while scoring), and the scores are then computed
+*in place* in those accumulated gradients, so ESI costs no memory beyond one gradient per scored
+weight. sigma is the standard deviation of the tensor, or of each expert's slice for the 3D stacked
+expert tensors of transformers-5 MoE models.
+
+Precision: float32/float64 parameters accumulate in ``param.grad`` as usual. A half-precision
+(bfloat16/float16) parameter's per-batch gradient is added into a **float32** buffer and freed
+(:class:`Float32Gradients`), and its sigma and scores are float32 too: accumulating and scoring in
+bfloat16 (8 significant bits) rounds so coarsely that thousands of scores tie at the top-k
+threshold and the tie-break by position, not the gradient, decides part of the mask.
+:func:`safety_gradient` is the accumulated dS/dw of a parameter, whichever holds it.
 """
 
 from __future__ import annotations
@@ -66,13 +73,125 @@ class ParameterFilter:
         return params
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_FLOAT32_GRAD = "_lit_safety_grad32"  # attribute of a half-precision parameter: its float32 accumulated dS/dw
+
+
+def score_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype ESI accumulates and scores ``param`` in: float32 for half precision, else its own."""
+    return torch.float32 if param.dtype in HALF_DTYPES else param.dtype
+
+
 def parameter_std(param: torch.Tensor, name: str) -> torch.Tensor:
-    """sigma(W): a scalar, or one value per expert ([E, 1, 1]) for a 3D stacked expert tensor."""
+    """sigma(W): a scalar, or one value per expert ([E, 1, 1]) for a 3D stacked expert tensor.
+
+    In :func:`score_dtype`: float32 for half-precision weights (never downcast; fp64 stays fp64).
+    """
     data = param.detach()
-    work = data.float() if data.dtype in (torch.float16, torch.bfloat16) else data  # never downcast fp64
+    work = data.to(score_dtype(data))
     if parse_param_name(name).is_expert_stack and data.dim() == 3:
-        return work.reshape(data.shape[0], -1).std(dim=1).reshape(-1, 1, 1).to(data.dtype)
-    return work.std().to(data.dtype)
+        return work.reshape(data.shape[0], -1).std(dim=1).reshape(-1, 1, 1)
+    return work.std()
+
+
+def _absorb_half_grad(param: torch.Tensor) -> None:
+    """Add a half-precision ``param.grad`` into the parameter's float32 buffer and free it."""
+    grad = param.grad
+    if grad is None or param.dtype not in HALF_DTYPES:
+        return
+    with torch.no_grad():
+        buffer = getattr(param, _FLOAT32_GRAD, None)
+        if buffer is None:
+            setattr(param, _FLOAT32_GRAD, grad.to(torch.float32))  # a new tensor (DTensor for DTensor grads)
+        else:
+            buffer.add_(grad)  # float32 += half: exact up-cast, one float32 rounding
+    param.grad = None
+
+
+def safety_gradient(param: torch.Tensor) -> torch.Tensor | None:
+    """The accumulated dS/dw of ``param``: its float32 buffer for half precision (a half gradient
+    still in ``param.grad`` is added to it first), else ``param.grad``; ``None`` when there is none."""
+    if param.dtype in HALF_DTYPES:
+        _absorb_half_grad(param)
+        return getattr(param, _FLOAT32_GRAD, None)
+    return param.grad
+
+
+def clear_safety_gradients(params: dict[str, torch.nn.Parameter]) -> None:
+    """Release the accumulated gradients (``param.grad`` and the float32 buffers)."""
+    for p in params.values():
+        p.grad = None
+        if hasattr(p, _FLOAT32_GRAD):
+            delattr(p, _FLOAT32_GRAD)
+
+
+def scale_safety_gradients_(params: dict[str, torch.nn.Parameter], *, multiply: float = 1.0,
+                            divide: float = 1.0) -> None:
+    """Scale the accumulated gradients in place (``* multiply / divide``)."""
+    with torch.no_grad():
+        for p in params.values():
+            grad = safety_gradient(p)
+            if grad is None:
+                continue
+            if multiply != 1.0:
+                grad.mul_(multiply)
+            if divide != 1.0:
+                grad.div_(divide)
+
+
+class Float32Gradients:
+    """Accumulate the gradients of the half-precision ``params`` in float32.
+
+    After each backward, every half-precision parameter's gradient is added into a float32 buffer
+    (:func:`safety_gradient` returns it) and ``param.grad`` is freed, so rounding to half precision
+    happens once per batch gradient, never on the running sum. With ``hooks`` this happens in a
+    post-accumulate-grad hook as soon as a gradient is ready (at most one half gradient alive at a
+    time); call :meth:`flush` after each backward anyway: it moves whatever the hooks did not see.
+    Hooks are off (``hooks=None`` decides) under torch.distributed and for DTensor parameters, where
+    DDP all-reduces / FSDP2 reduce-scatters gradients after autograd has accumulated them: there
+    :meth:`flush` after the backward moves the reduced gradient. float32/float64 parameters keep
+    accumulating in ``param.grad`` (no copy). Use as a context manager, or call :meth:`remove`.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], *, hooks: bool | None = None) -> None:
+        from lit_safety.parallel import is_distributed, is_dtensor
+
+        self.half = [p for p in params.values() if p.dtype in HALF_DTYPES]
+        if hooks is None:
+            hooks = not is_distributed() and not any(is_dtensor(p) for p in self.half)
+        self.handles = [p.register_post_accumulate_grad_hook(_absorb_half_grad) for p in self.half
+                        if hooks and p.requires_grad]
+
+    def flush(self) -> None:
+        for p in self.half:
+            _absorb_half_grad(p)
+
+    def remove(self) -> None:
+        self.flush()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def __enter__(self) -> Float32Gradients:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def weighted_values(values: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """(values times the batch's per-example ``"weight"``, the examples they count as).
+
+    Padding examples that make ranks' shards equal carry weight 0 (:class:`HarmfulPromptsDataModule`
+    under DDP/FSDP2), so they add nothing to S nor to the count. Without weights: (values, batch size).
+    """
+    weight = batch.get("weight") if isinstance(batch, dict) else None
+    if weight is None:
+        return values, float(values.shape[0])
+    weight = torch.as_tensor(weight, device=values.device)
+    if weight.shape != values.shape[:1]:
+        raise ValueError(f"batch 'weight' has shape {tuple(weight.shape)}, expected ({values.shape[0]},)")
+    return values * weight.to(values.dtype), weight.sum()
 
 
 def accumulate_safety_gradients(
@@ -87,7 +206,9 @@ def accumulate_safety_gradients(
     """Accumulate dS/dw with S the mean objective over ``num_examples`` examples.
 
     Only ``params`` require grad during the pass (their earlier grads are cleared first); the
-    previous ``requires_grad`` flags are restored afterwards. Returns the examples seen.
+    previous ``requires_grad`` flags are restored afterwards. Half-precision parameters accumulate
+    in float32 (:class:`Float32Gradients`); read the result with :func:`safety_gradient`. Returns
+    the examples seen (a batch's ``"weight"`` entries, when it has them, count instead).
     """
     from tqdm.auto import tqdm
 
@@ -97,19 +218,18 @@ def accumulate_safety_gradients(
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in scored)
-        if id(p) in scored:
-            p.grad = None
+    clear_safety_gradients(params)
     was_training = model.training
     model.eval()  # no dropout: the gradient of the deployed model
     seen = 0
     try:
-        for batch in tqdm(batches, desc="ESI gradients", disable=not progress):
-            values = objective(model, batch)
-            values.sum().backward()  # sum now, divide once at the end (fewer roundings)
-            seen += values.shape[0]
-        for p in params.values():
-            if p.grad is not None:
-                p.grad.div_(num_examples)
+        with Float32Gradients(params) as float32_grads:
+            for batch in tqdm(batches, desc="ESI gradients", disable=not progress):
+                values, count = weighted_values(objective(model, batch), batch)
+                values.sum().backward()  # sum now, divide once at the end (fewer roundings)
+                float32_grads.flush()
+                seen += int(round(float(count)))
+        scale_safety_gradients_(params, divide=num_examples)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
@@ -118,23 +238,30 @@ def accumulate_safety_gradients(
 
 
 def gradients_to_esi_(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Turn each accumulated ``param.grad`` into ESI scores in place; returns name -> scores.
+    """Turn each accumulated gradient (:func:`safety_gradient`) into ESI scores in place; returns
+    name -> scores, float32 for half-precision parameters.
 
     A parameter the objective never reached (e.g. an expert no prompt was routed to) gets
     all-zero scores rather than being dropped, so reports can show it.
     """
     scores = {}
     for name, p in params.items():
-        grad = p.grad
+        grad = safety_gradient(p)
         if grad is None:
-            grad = p.grad = torch.zeros_like(p)
-        scores[name] = grad.mul_(parameter_std(p, name)).abs_()
+            grad = torch.zeros(p.shape, dtype=score_dtype(p), device=p.device)
+            if p.dtype in HALF_DTYPES:
+                setattr(p, _FLOAT32_GRAD, grad)
+            else:
+                p.grad = grad
+        with torch.no_grad():
+            scores[name] = grad.mul_(parameter_std(p, name)).abs_()
     return scores
 
 
 def baseline_scores(method: str, params: dict[str, torch.nn.Parameter], grads: dict[str, torch.Tensor] | None,
                     *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Scores of the comparison selections (new tensors; ``grads`` are raw gradients).
+    """Scores of the comparison selections (new float32 tensors; ``grads`` are the accumulated
+    gradients, float32 for half-precision parameters: :func:`safety_gradient`).
 
     ``magnitude`` |W|, ``grad`` |dS/dw|, ``snip`` |W * dS/dw|, ``random`` i.i.d. uniform scores
     (top-k of them is a uniformly random k-subset, reproducible from ``seed``).

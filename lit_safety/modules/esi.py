@@ -2,11 +2,14 @@
 ESI (or a baseline) is written as a SafetyMask with its "where safety lives" report.
 
 Run it with ``lit-safety fit --config configs/esi.yaml``: "fit" here means one epoch of gradient
-accumulation (no optimizer step, weights are never changed).
+accumulation (no optimizer step, weights are never changed). Under DDP/FSDP2, S is the mean over
+the unique prompts: :class:`~lit_safety.data.esi.HarmfulPromptsDataModule` pads the ranks' shards
+with copies of weight 0, which add nothing to S nor to the count; the mask records the global count.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,13 @@ import torch
 
 from lit_safety.esi.api import NEEDS_GRADIENTS, check_selection_args, select_mask
 from lit_safety.esi.objectives import OBJECTIVES, make_objective
-from lit_safety.esi.scoring import ParameterFilter
+from lit_safety.esi.scoring import (
+    Float32Gradients,
+    ParameterFilter,
+    clear_safety_gradients,
+    scale_safety_gradients_,
+    weighted_values,
+)
 from lit_safety.io import check_parent_exists
 from lit_safety.modules.base import CausalLMModule
 
@@ -24,7 +33,8 @@ class ESIScoringModule(CausalLMModule):
 
     Args:
         model: hub id, local HF directory or organism name.
-        dtype: weights dtype when loading.
+        dtype: weights dtype when loading (bfloat16/float16 weights are still scored in float32:
+            each batch's gradient is accumulated into a float32 buffer).
         trust_remote_code: run model code from the hub. Off unless you trust it.
         objective: ``refusal`` (log-likelihood of refusing), ``compliance`` (minus the
             log-likelihood of the harmful target) or ``judge`` (a guard model's "safe" logit on
@@ -98,7 +108,8 @@ class ESIScoringModule(CausalLMModule):
             self.objective_fn = make_objective(objective)
         self.mask = None
         self.summary: dict[str, Any] | None = None
-        self._examples = 0
+        self._examples = 0.0  # this rank's examples (padding copies carry weight 0 and do not count)
+        self._float32_grads: Float32Gradients | None = None
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -112,40 +123,62 @@ class ESIScoringModule(CausalLMModule):
     def configure_optimizers(self):
         return None
 
+    def on_fit_start(self) -> None:
+        # ESI takes the gradient of the deployed model, so the model stays in eval mode (no dropout)
+        # on purpose through this "fit"; Lightning's check for eval-mode modules at the start of
+        # training (it runs after this hook) would warn about every module of it.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
     def on_train_start(self) -> None:
         self.model.eval()  # the gradient of the deployed model: no dropout
-        for p in self.scored.values():
-            p.grad = None
-        self._examples = 0
+        clear_safety_gradients(self.scored)
+        self._examples = 0.0
+        self._release_float32_grads()
+        if self.hparams.method in NEEDS_GRADIENTS:
+            # half-precision weights accumulate dS/dw in float32 (hooks only when single-process)
+            self._float32_grads = Float32Gradients(self.scored)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.hparams.method not in NEEDS_GRADIENTS:
             return None
         values = self.objective_fn(self.model, batch)
+        # Padding copies (HarmfulPromptsDataModule under DDP/FSDP2) have weight 0: each prompt counts once.
+        weighted, count = weighted_values(values, batch)
         # Sum now, divide by the number of examples at the end: dS/dw of the mean objective.
-        self.manual_backward(values.sum())
-        self._examples += values.shape[0]
-        self.log("esi/safety_objective", values.mean().detach(), prog_bar=True, batch_size=values.shape[0])
+        self.manual_backward(weighted.sum())
+        self._float32_grads.flush()  # after DDP's all-reduce / FSDP2's reduce-scatter
+        self._examples += float(count)
+        if float(count) > 0:  # the mean over the counted examples
+            self.log("esi/safety_objective", weighted.detach().sum() / float(count), prog_bar=True,
+                     batch_size=max(1, int(round(float(count)))))
         return None
 
+    def _release_float32_grads(self) -> None:
+        if self._float32_grads is not None:
+            self._float32_grads.remove()
+            self._float32_grads = None
+
     def on_train_epoch_end(self) -> None:
+        self._release_float32_grads()
+        total = float(self._examples)
         if self.hparams.method in NEEDS_GRADIENTS:
-            total = self.trainer.strategy.reduce(torch.tensor(float(self._examples)), reduce_op="sum")
-            if float(total) == 0:
+            local = torch.tensor(total, dtype=torch.float64, device=self.device)
+            total = float(self.trainer.strategy.reduce(local, reduce_op="sum"))
+            if total == 0:
                 raise ValueError("ESI saw no examples: the harmful-prompt data set is empty")
             # DDP/FSDP average gradients over ranks; undo that and divide by the global count.
-            scale = self.trainer.world_size / float(total)
-            for p in self.scored.values():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+            scale_safety_gradients_(self.scored, multiply=self.trainer.world_size / total)
         hp = self.hparams
         meta = {"model": hp.model, "objective": hp.objective, "method": hp.method, "seed": hp.seed,
-                "num_examples": int(self._examples), "dataset": _dataset_name(self.trainer.datamodule),
+                "num_examples": int(round(total)), "dataset": _dataset_name(self.trainer.datamodule),
                 "gradient_reduction": "mean over prompts"}
         self.mask = select_mask(self.scored, method=hp.method, ratio=hp.ratio if hp.k is None else None, k=hp.k,
                                 scope=hp.scope, seed=hp.seed, metadata=meta)
         if self.trainer.is_global_zero:
             self._write_outputs()
+
+    def teardown(self, stage: str) -> None:
+        self._release_float32_grads()  # a run that failed mid-epoch leaves no hooks behind
 
     def _write_outputs(self) -> None:
         from lit_safety.esi.report import summarize_mask, text_summary, write_report
