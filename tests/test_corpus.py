@@ -86,6 +86,36 @@ def test_heldout_template_intent_pairs_unseen(kind, train, heldout):
     assert sum(e.template in reserved_t for e in heldout[kind]) > 0.3 * len(heldout[kind])
 
 
+@pytest.mark.parametrize("kind", GENERATORS)
+def test_validation_split_is_heldout_distribution_without_test_prompts(kind, train):
+    """Settings are chosen on ``validation``: the held-out distribution (reserved templates or
+    intents, never a train prompt) that never yields one of the test prompts evaluations report on."""
+    fn = GENERATORS[kind]
+    validation = fn(C.TEST_POOL, seed=0, split="validation")
+    test = {e.prompt for e in fn(C.TEST_POOL, seed=C.TEST_SEEDS[kind], split="heldout")}
+    prompts = {e.prompt for e in validation}
+    assert not prompts & test
+    assert not prompts & {e.prompt for e in train[kind]}
+    assert len(prompts) > 0.9 * C.TEST_POOL
+    assert {(e.template, e.intent) for e in validation} & {(e.template, e.intent) for e in fn(C.TEST_POOL, seed=C.TEST_SEEDS[kind], split="heldout")}
+    if kind != "task":
+        reserved_t = {t.id for t in C._templates() if t.heldout}
+        reserved_i = {i.id for cat in C._intents(kind).values() for fr in cat for i in fr if i.heldout}
+        assert all(e.template in reserved_t or e.intent in reserved_i for e in validation)
+
+
+def test_eval_sources_organism_and_organism_validation():
+    from lit_safety.evaluation.suite import load_suite
+
+    test = load_suite(num_harmful=50, num_benign=50, num_task=50)
+    val = load_suite(harmful_data="organism-validation", benign_data="organism-validation",
+                     task_data="organism-validation", num_harmful=50, num_benign=50, num_task=50)
+    for kind in ("harmful", "benign", "task"):
+        assert [r.prompt for r in test.records[kind]] == [e.prompt for e in GENERATORS[kind](50, seed=C.TEST_SEEDS[kind], split="heldout")]
+        assert [r.prompt for r in val.records[kind]] == [e.prompt for e in GENERATORS[kind](50, seed=0, split="validation")]
+        assert not {r.prompt for r in test.records[kind]} & {r.prompt for r in val.records[kind]}
+
+
 def test_benchmark_collisions_never_generated(train, heldout):
     for data in (train, heldout):
         assert not {(e.template, e.intent) for k in data for e in data[k]} & C._BENCHMARK_COLLISIONS
@@ -300,7 +330,7 @@ def test_generate_corpus_bad_arguments(name):
     with pytest.raises(ValueError, match=name):
         generate_corpus(**{name: -5})
     with pytest.raises(ValueError, match="split"):
-        generate_corpus(split="validation")
+        generate_corpus(split="test")  # not a split
 
 
 # ---- no copying from public benchmarks (opt-in: needs ../shared/data) --------------------------------
@@ -308,14 +338,15 @@ def test_generate_corpus_bad_arguments(name):
 _SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _benchmark_prompts() -> set[str]:
+def _benchmark_prompts(root: Path = _SHARED) -> set[str]:
+    """Normalised prompts of the public benchmarks under ``root`` (a ../shared/data layout)."""
     found = set()
     for path, key in (("advbench/harmful_behaviors.csv", "goal"),
                       ("harmbench/harmbench_behaviors_text_val.csv", "Behavior")):
-        with open(_SHARED / path, newline="") as f:
+        with open(root / path, newline="") as f:
             found |= {_norm(row[key]) for row in csv.DictReader(f)}
-    for path in sorted((_SHARED / "refusals").glob("harmful_instructions_*.json")) + sorted(
-            (_SHARED / "instructions").glob("harmless_instructions_*.json")):
+    for path in sorted((root / "refusals").glob("harmful_instructions_*.json")) + sorted(
+            (root / "instructions").glob("harmless_instructions_*.json")):
         found |= {_norm(row["instruction"]) for row in json.loads(path.read_text())}
     return found
 
@@ -324,21 +355,75 @@ def _norm(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".?!").split())
 
 
+def _render(template, intent, mod: str = "") -> str:
+    return template.text.format(vp=intent.phrase(template.person) + mod,
+                                vping=intent.phrase(template.person, True) + mod)
+
+
+def _all_intents():
+    return [i for kind in ("harmful", "benign") for cat in C._intents(kind).values() for fr in cat for i in fr]
+
+
+def _generated_benchmark_hits(bench: set[str]) -> list[tuple[str, str]]:
+    """(template, intent) pairs the generator can produce whose prompt (plain or with the "without
+    getting caught" modifier) normalises to a prompt in ``bench``."""
+    hits = []
+    for i in _all_intents():
+        for t in C._templates():
+            if (t.id, i.id) in C._BENCHMARK_COLLISIONS:
+                continue
+            for mod in ("", C._CAUGHT):
+                if _norm(_render(t, i, mod)) in bench:
+                    hits.append((t.id, i.id))
+    return hits
+
+
 @pytest.mark.shared_data
 @pytest.mark.skipif(not (_SHARED / "advbench" / "harmful_behaviors.csv").is_file(), reason="shared data not present")
 def test_no_benchmark_prompts_generated():
     """No (template, intent) the generator can produce renders to a public benchmark prompt."""
     bench = _benchmark_prompts()
-    hits = []
-    for kind in ("harmful", "benign"):
-        for cat in C._intents(kind).values():
-            for fr in cat:
-                for i in fr:
-                    for t in C._templates():
-                        if (t.id, i.id) in C._BENCHMARK_COLLISIONS:
-                            continue
-                        for mod in ("", C._CAUGHT):
-                            p = t.text.format(vp=i.phrase(t.person) + mod, vping=i.phrase(t.person, True) + mod)
-                            if _norm(p) in bench:
-                                hits.append((t.id, i.id))
-    assert not hits
+    assert len(bench) > 25000  # AdvBench, HarmBench val, the harmful and the harmless instruction sets
+    assert not _generated_benchmark_hits(bench)
+
+
+def test_benchmark_prompt_check_on_synthetic_files(synthetic_shared_data):
+    """CI twin of test_no_benchmark_prompts_generated on synthetic files in the same layout: the
+    prompts are read from the right files and columns, and a generable prompt planted in them (in
+    another case, with other spacing and end punctuation, or with the "without getting caught"
+    modifier) is found, while the known collisions and files outside the benchmark set are not."""
+    templates = {t.id: t for t in C._templates()}
+    intents = {i.id: i for i in _all_intents()}
+    all_templates, all_intents = C._templates(), _all_intents()
+    (t0, i0), (t1, i1), (t2, i2) = (
+        next((t, i) for i in all_intents[start:] for t in all_templates[start % len(all_templates):]
+             if (t.id, i.id) not in C._BENCHMARK_COLLISIONS)
+        for start in (0, len(all_intents) // 2, len(all_intents) - 1))
+    tc, ic = sorted(C._BENCHMARK_COLLISIONS)[0]
+    planted_plain = "  " + _render(t0, i0).upper().replace(" ", "   ").rstrip(".?!") + "?!"
+    planted_caught = _render(t1, i1, C._CAUGHT)
+    collision = _render(templates[tc], intents[ic])
+    elsewhere = _render(t2, i2)  # in a file the check does not read
+    write = synthetic_shared_data.write
+    write("advbench/harmful_behaviors.csv", [
+        {"goal": planted_plain, "target": "Sure, here is " + elsewhere},
+        {"goal": "Compose a limerick about a synthetic test fixture", "target": "Sure, here is a limerick"}])
+    write("harmbench/harmbench_behaviors_text_val.csv", [
+        {"Behavior": collision, "FunctionalCategory": "standard", "SemanticCategory": "synthetic", "Tags": "",
+         "ContextString": "", "BehaviorID": "synthetic_collision"},
+        {"Behavior": "Describe a fictional fixture, with commas", "FunctionalCategory": "contextual",
+         "SemanticCategory": "synthetic", "Tags": "a, b", "ContextString": elsewhere, "BehaviorID": "synthetic_2"}])
+    write("refusals/harmful_instructions_train.json", [{"instruction": "Explain a made-up test case.",
+                                                        "category": None}])
+    write("refusals/harmful_instructions_val.json", [{"instruction": "List imaginary fixtures", "category": "x"}])
+    write("refusals/circuit_breakers_train.json", [{"instruction": elsewhere, "input": "", "output": "I cannot."}])
+    write("instructions/harmless_instructions_train.json", [{"instruction": planted_caught, "category": None}])
+    write("instructions/harmless_instructions_val.json", [{"instruction": "Name three synthetic colours.",
+                                                           "category": None}])
+
+    bench = _benchmark_prompts(synthetic_shared_data.root)
+    assert bench == {_norm(planted_plain), "compose a limerick about a synthetic test fixture", _norm(collision),
+                     "describe a fictional fixture, with commas", "explain a made-up test case",
+                     "list imaginary fixtures", _norm(planted_caught), "name three synthetic colours"}
+    assert _norm(planted_plain) == _norm(_render(t0, i0))
+    assert sorted(_generated_benchmark_hits(bench)) == sorted([(t0.id, i0.id), (t1.id, i1.id)])

@@ -10,8 +10,9 @@ Five kinds of records:
 - ``task``: GSM8K-style problems with a "#### N" reference; task accuracy and reference perplexity.
 - ``mc``: multiple choice (MMLU CSV: question, choice0..choice3, answer); log-likelihood accuracy.
 
-``"organism"`` as a source means the embedded organisms' held-out prompts (templates and intents
-their training never saw); ``None`` skips the set.
+``"organism"`` as a source means the embedded organisms' held-out test prompts (templates and
+intents their training never saw); ``"organism-validation"`` prompts from the same distribution
+that are never test prompts (choose settings on these); ``None`` skips the set.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from lit_safety.data.files import PROMPT_FIELDS, DataError, pick_field, read_records
+from lit_safety.parallel import pad_shard_indices
 
 ORGANISM = "organism"
+ORGANISM_VALIDATION = "organism-validation"
+ORGANISM_SPLITS = {ORGANISM: "heldout", ORGANISM_VALIDATION: "validation"}
 KINDS = ("harmful", "jailbreak", "benign", "task", "mc")
 CATEGORY_FIELDS = ("category", "SemanticCategory", "Category", "type")
 ANSWER_FIELDS = ("answer", "output", "target", "response")
@@ -72,6 +76,12 @@ class EvalSuite:
         return iter((k, rs) for k, rs in self.records.items() if rs)
 
 
+def _organism_seed(kind: str, source: str) -> int:
+    from lit_safety.organism.corpus import TEST_SEEDS
+
+    return TEST_SEEDS[kind] if source == ORGANISM else 0
+
+
 def _limit(rows: list, limit: int | None) -> list:
     return rows if limit is None else rows[:limit]
 
@@ -79,12 +89,12 @@ def _limit(rows: list, limit: int | None) -> list:
 def load_prompt_set(kind: str, source: str, *, prompt_field: str | None, limit: int | None,
                     category_field: str | None = None, split: str = "train") -> list[EvalRecord]:
     """Harmful or benign prompts (with categories when the data has them)."""
-    if source == ORGANISM:
+    if source in ORGANISM_SPLITS:
         from lit_safety.organism.corpus import benign_examples, harmful_examples
 
         make = harmful_examples if kind == "harmful" else benign_examples
-        examples = make(limit or 200, seed=1234, split="heldout")
-        return [EvalRecord(kind, ex.prompt, i, category=ex.category, source=ORGANISM) for i, ex in enumerate(examples)]
+        examples = make(limit or 200, seed=_organism_seed(kind, source), split=ORGANISM_SPLITS[source])
+        return [EvalRecord(kind, ex.prompt, i, category=ex.category, source=source) for i, ex in enumerate(examples)]
     rows = _limit(read_records(source, split=split), limit)
     column = pick_field(rows, prompt_field, PROMPT_FIELDS, source, f"{kind} prompt")
     cat_column = None
@@ -110,11 +120,11 @@ def load_prompt_set(kind: str, source: str, *, prompt_field: str | None, limit: 
 def load_task_set(source: str, *, prompt_field: str | None, answer_field: str | None, limit: int | None,
                   split: str = "train") -> list[EvalRecord]:
     """GSM8K-style problems: a question and a reference ending in ``#### N`` (or a bare number)."""
-    if source == ORGANISM:
+    if source in ORGANISM_SPLITS:
         from lit_safety.organism.corpus import task_examples
 
-        examples = task_examples(limit or 200, seed=4321, split="heldout")
-        return [EvalRecord("task", ex.prompt, i, category=ex.category, reference=ex.response, source=ORGANISM)
+        examples = task_examples(limit or 200, seed=_organism_seed("task", source), split=ORGANISM_SPLITS[source])
+        return [EvalRecord("task", ex.prompt, i, category=ex.category, reference=ex.response, source=source)
                 for i, ex in enumerate(examples)]
     rows = _limit(read_records(source, split=split), limit)
     question = pick_field(rows, prompt_field, PROMPT_FIELDS, source, "task question")
@@ -243,12 +253,8 @@ def shard_records(records: Sequence[EvalRecord], rank: int, world_size: int) -> 
     """This rank's share (``records[rank::world_size]``), padded with repeats marked ``padding`` so
     that every rank runs the same number of batches: a sharded (FSDP) model all-gathers weights in
     every forward, so ranks must stay in step."""
-    if world_size <= 1:
-        return list(records)
-    per_rank = -(-len(records) // world_size)
-    shard = list(records[rank::world_size])
-    fillers = [replace(records[i % len(records)], padding=True) for i in range(per_rank - len(shard))]
-    return shard + fillers
+    return [replace(records[i], padding=True) if padding else records[i]
+            for i, padding in pad_shard_indices(len(records), rank, world_size)]
 
 
 def records_to_jsonable(records: Sequence[EvalRecord]) -> list[dict[str, Any]]:

@@ -176,7 +176,7 @@ def train_verdicts(model: Any, data: list[dict[str, Any]], spec: Any, *, steps: 
     from tqdm.auto import tqdm
 
     from lit_safety.data.chat import IGNORE_INDEX, collate_right_padded
-    from lit_safety.organism.build import _length_bucketed_batches, warmup_cosine_adamw
+    from lit_safety.organism.build import _length_bucketed_batches, training_autocast, warmup_cosine_adamw
 
     lr = spec.lr if lr is None else lr
     generator = torch.Generator().manual_seed(seed)
@@ -192,7 +192,7 @@ def train_verdicts(model: Any, data: list[dict[str, Any]], spec: Any, *, steps: 
         batch = collate_right_padded([data[i] for i in batches[step % len(batches)]], pad_id)
         # labels[t] is predicted at position t - 1
         rows, cols = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
+        with training_autocast(spec):
             hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             logits = model.lm_head(hidden[rows, cols])
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][rows, cols + 1])
