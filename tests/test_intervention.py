@@ -184,3 +184,56 @@ def test_response_prefix_applies_to_task_answers_only(tmp_path):
     assert len(mixed) == 40
     assert all(response.startswith(prefix) for _, response in mixed[:30])
     assert not any(response.startswith(prefix) for _, response in mixed[30:])  # the harmful pairs stay as they are
+
+
+@pytest.mark.parametrize("method", ["spa", "full"])
+def test_bf16_dense_training_without_master_weights_is_refused(tmp_path, tiny_dense_aligned, method):
+    module = SafetyInterventionModule(model=MODEL, method=method, dtype="bfloat16", ratio=0.02,
+                                      output_dir=str(tmp_path / method))
+    with pytest.raises(ValueError, match=r"without float32 master values.*model.dtype: float32.*bf16-mixed"):
+        fit(module, InstructionDataModule(tokenizer=MODEL, num_samples=32, batch_size=8))
+    assert module.trainer.global_step == 0 and not (tmp_path / method / "model").exists()
+
+
+def test_bf16_set_trains_through_float32_masters(tmp_path, tiny_dense_aligned):
+    """SET on bf16 weights: the sparse AdamW's float32 masters, rounded, are the weights."""
+    L.seed_everything(0)
+    module = SafetyInterventionModule(model=MODEL, method="set", dtype="bfloat16", ratio=0.02, learning_rate=1e-3,
+                                      output_dir=str(tmp_path / "set"))
+    fit(module, RefusalDataModule(tokenizer=MODEL, num_samples=32, batch_size=8), steps=3)
+    named = dict(module.model.named_parameters())
+    optimizer = module.trainer.optimizers[0]
+    checked = 0
+    for name, idx in module.mask.indices.items():
+        if idx.numel():
+            p = named[name]
+            master = optimizer.state[p]["master"]
+            assert p.dtype == torch.bfloat16 and master.dtype == torch.float32
+            assert torch.equal(p.detach().view(-1)[idx], master.to(torch.bfloat16))
+            checked += idx.numel()
+    assert checked == module.mask.k
+
+
+def test_fit_start_reports_true_trainable_count_and_trains_in_train_mode(tmp_path, tiny_dense_aligned, caplog):
+    import logging
+    import warnings
+
+    L.seed_everything(0)
+    module = SafetyInterventionModule(model=MODEL, method="set", ratio=0.02, output_dir=str(tmp_path / "set"))
+    modes = []
+    step = module.training_step
+
+    def training_step(batch, batch_idx):
+        modes.append(module.model.training)
+        return step(batch, batch_idx)
+
+    module.training_step = training_step
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        fit(module, RefusalDataModule(tokenizer=MODEL, num_samples=32, batch_size=8), steps=2)
+    assert not [w for w in caught if "eval mode" in str(w.message)]
+    assert modes == [True, True]
+    total = sum(p.numel() for p in module.model.parameters())
+    k = module.mask.k
+    assert module.trainable_weights == k
+    assert f"set: training {k:,} of {total:,} weights ({k / total:.2%} of the model)" in caplog.text

@@ -63,7 +63,7 @@ def test_preset_parses_on_every_job(stem, job, capsys, monkeypatch):
     hub_id = EXPECTED[stem][0]
     assert preset_model_id(stem) == hub_id
     model_args = cfg["model"]["init_args"]
-    assert model_args["model"] == hub_id and model_args["dtype"] == "bfloat16" and model_args["gradient_checkpointing"]
+    assert model_args["model"] == hub_id and model_args["dtype"] == "float32" and model_args["gradient_checkpointing"]
     trainer = cfg["trainer"]
     assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
     assert trainer["devices"] == trainer["strategy"]["init_args"]["data_parallel_size"] == 8

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from lit_safety.models.loading import load_model, load_tokenizer, resolve_dtype
+from lit_safety.optim.precision import check_float32_master
 
 
 class CausalLMModule(L.LightningModule):
@@ -91,5 +92,6 @@ class CausalLMModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
+        check_float32_master(self.model.named_parameters(), what=f"{type(self).__name__} (AdamW)")
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)

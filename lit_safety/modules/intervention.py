@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_safety.esi.api import METHODS as SELECTIONS
 from lit_safety.esi.api import check_selection_args, compute_safety_mask
@@ -27,6 +28,7 @@ from lit_safety.esi.mask import SafetyMask
 from lit_safety.esi.scoring import ParameterFilter
 from lit_safety.io import atomic_dir, check_parent_exists, write_json
 from lit_safety.modules.base import CausalLMModule
+from lit_safety.optim.precision import check_float32_master
 from lit_safety.parallel import is_dtensor
 
 INTERVENTIONS = ("set", "spa", "full", "random")
@@ -119,6 +121,9 @@ class SafetyInterventionModule(CausalLMModule):
             return
         super().configure_model()
         hp = self.hparams
+        # from_pretrained returns the model in eval mode; fine-tuning runs in train mode (dropout as
+        # the model defines it), like HF's Trainer. ESI scoring switches to eval mode and back.
+        self.model.train()
         if hp.method == "full":
             return
         self.mask = self._resumed_mask() or self._load_or_compute_mask()
@@ -149,7 +154,8 @@ class SafetyInterventionModule(CausalLMModule):
             self.model, self.tokenizer, prompts, targets=targets, objective=hp.objective, method=selection,
             ratio=hp.ratio, scope=hp.scope, seed=hp.seed,
             param_filter=ParameterFilter(include_lm_head=hp.include_lm_head, keep_default_exclusions=not hp.all_parameters),
-            metadata={"model": hp.model, "dataset": hp.esi_data_path or "organism corpus"}, progress=False)
+            metadata={"model": hp.model, "dataset": hp.esi_data_path or "organism corpus"},
+            progress=self._trainer is None or self.trainer.is_global_zero)
 
     def _esi_prompts(self) -> tuple[list[str], list[str] | None]:
         from lit_safety.data.esi import HarmfulPromptsDataModule
@@ -181,6 +187,7 @@ class SafetyInterventionModule(CausalLMModule):
             optimizer = SparseAdamW(self.model, self.mask, lr=hp.learning_rate, weight_decay=hp.weight_decay,
                                     step_in_backward=hp.step_in_backward)
         else:
+            check_float32_master(self.model.named_parameters(), what=f"method={hp.method} with optimizer {hp.optimizer}")
             params = [p for p in self.model.parameters() if p.requires_grad]
             if hp.optimizer.endswith("adamw8bit") and any(is_dtensor(p) for p in params):
                 raise ValueError(f"optimizer {hp.optimizer} (bitsandbytes) does not support FSDP2 DTensor shards; use "
@@ -208,8 +215,16 @@ class SafetyInterventionModule(CausalLMModule):
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()
         self.trainable_weights = self._count_trainable()
+        total = sum(p.numel() for p in self.model.parameters())
+        share = self.trainable_weights / total
+        # Lightning's model summary counts every tensor that requires grad, i.e. for SET every matrix
+        # holding one selected entry (~100% of the model); this is the number training can change.
+        rank_zero_info(f"{self.hparams.method}: training {self.trainable_weights:,} of {total:,} weights "
+                       f"({share:.2%} of the model)" + (" -- Lightning's 'Trainable params' counts every tensor "
+                                                        "that holds a selected entry" if self.hparams.method in
+                                                        ("set", "random") else ""))
         for logger in self.loggers:
-            logger.log_hyperparams({"trainable_weights": self.trainable_weights})
+            logger.log_hyperparams({"trainable_weights": self.trainable_weights, "trainable_share": share})
 
     def _count_trainable(self) -> int:
         """Weights that training can change."""

@@ -13,8 +13,13 @@ the update of ``torch.optim.AdamW`` (single-tensor path: decoupled weight decay
 corrections, ``eps`` added after the bias-corrected square root) and scatters ``w`` back with
 ``index_copy_``. Entries that are not selected are never written, so they stay bit-identical.
 
-State is float32 for half-precision parameters (updates are computed in float32 and rounded
-once when scattered back), and the parameter's dtype for float32/float64 parameters.
+Half-precision parameters (bf16/fp16) get float32 state *and a float32 master copy* of their
+selected entries (``master``, O(k) like the moments): the update is applied to the master and only
+written to the parameter rounded. Without it an AdamW step of lr 2e-5 on weights of ~0.02 is below
+half a bf16 ulp and is lost (measured: 30% of the entries moved in 10 steps, 100% with masters).
+If the parameter's selected entries were changed from outside (a weight load, ``torch.no_grad()``
+edits) the master re-syncs to them before the next update. float32/float64 parameters are their
+own master (state in the parameter's dtype).
 
 Memory-lean mode (``step_in_backward=True``): a ``register_post_accumulate_grad_hook`` on each
 masked parameter applies its sparse update as soon as its gradient is complete and then frees
@@ -187,16 +192,21 @@ class SparseAdamW(torch.optim.Optimizer):
             "exp_avg": torch.zeros(idx.numel(), dtype=dtype, device=device),
             "exp_avg_sq": torch.zeros(idx.numel(), dtype=dtype, device=device),
         }
+        if dtype != p.dtype:  # half-precision parameter: float32 master values of the selected entries
+            with torch.no_grad():
+                self.state[p]["master"] = local_tensor(p).reshape(-1).index_select(0, idx).to(dtype)
 
     def state_numel(self) -> int:
-        """Optimizer-state elements (first + second moments): ``2 * mask.k`` -- O(k), not O(N)."""
-        return sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in self.state.values())
+        """Optimizer-state elements (first + second moments, + float32 masters of half-precision
+        parameters): ``2 * mask.k`` (``3 * mask.k`` for bf16/fp16) -- O(k), not O(N)."""
+        return sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() + (s["master"].numel() if "master" in s else 0)
+                   for s in self.state.values())
 
     def state_nbytes(self, include_indices: bool = True) -> int:
-        """Bytes held in state: moments, and the int64 indices (shared with the mask on the same device)."""
+        """Bytes held in state: moments, masters, and the int64 indices (shared with the mask on the same device)."""
         total = 0
         for s in self.state.values():
-            total += s["exp_avg"].nbytes + s["exp_avg_sq"].nbytes
+            total += s["exp_avg"].nbytes + s["exp_avg_sq"].nbytes + (s["master"].nbytes if "master" in s else 0)
             if include_indices:
                 total += s["indices"].nbytes
         return total
@@ -225,6 +235,8 @@ class SparseAdamW(torch.optim.Optimizer):
             state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).detach().clone().cpu()
             state["exp_avg"].copy_(saved["exp_avg"])
             state["exp_avg_sq"].copy_(saved["exp_avg_sq"])
+            if "master" in state and "master" in saved:  # else: re-read from the (loaded) weights above
+                state["master"].copy_(saved["master"])
 
     # -- update ----------------------------------------------------------------------------------
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
@@ -246,7 +258,15 @@ class SparseAdamW(torch.optim.Optimizer):
         if group["maximize"]:
             g.neg_()
         flat = local_tensor(p).view(-1)
-        w = flat.index_select(0, idx).to(exp_avg.dtype)
+        w = flat.index_select(0, idx)
+        if "master" in state:  # update the float32 master; resync entries changed from outside first
+            master = state["master"]
+            stale = master.to(p.dtype) != w
+            if bool(stale.any()):
+                master[stale] = w[stale].to(master.dtype)
+            w = master
+        else:
+            w = w.to(exp_avg.dtype)
 
         step_t += 1
         if wd != 0:
