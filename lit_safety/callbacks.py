@@ -14,10 +14,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_safety.esi.mask import MaskMismatchError, SafetyMask
 from lit_safety.judges.base import Judge
 from lit_safety.judges.keyword import KeywordJudge
+from lit_safety.optim.precision import float32_master_problem
 
 
 def find_masked_module(pl_module: torch.nn.Module, mask: SafetyMask) -> torch.nn.Module:
@@ -60,6 +62,10 @@ class SafetyPreservingCallback(L.Callback):
 
         target = find_masked_module(pl_module, self.mask)
         self.mask.check_model(target)
+        # The module's own optimizer may keep float32 masters (we cannot see it): warn, don't refuse.
+        problem = float32_master_problem(target.named_parameters(), what=f"{type(pl_module).__name__}'s training")
+        if problem:
+            rank_zero_warn(problem + " (ignore this if your optimizer keeps float32 master weights)")
         self.frozen = FrozenEntries(target, self.mask)
         self._handles = [self.frozen.attach(optimizer) for optimizer in trainer.optimizers]
 
@@ -102,6 +108,10 @@ class SafetyEvalCallback(L.Callback):
         model_attr: attribute of the LightningModule that holds the HF causal LM.
         save_samples: write every prompt, answer and verdict.
         plots: write PNG plots.
+        progress: show a progress bar per evaluation set on stderr while it is generated, e.g.
+            ``eval harmful (before): 100%|████| 200/200 [00:41<00:00, 4.8prompt/s]`` (stage
+            ``before``, ``step_N`` or ``after``; global rank 0 only). Also off when the Trainer runs
+            with ``enable_progress_bar=False``. False: silent.
     """
 
     def __init__(self, data: dict[str, Any] | None = None, judge: Judge | None = None,
@@ -109,7 +119,7 @@ class SafetyEvalCallback(L.Callback):
                  before: bool = True, after: bool = True, every_n_steps: int = 0, max_new_tokens: int = 64,
                  batch_size: int = 32, system_prompt: str | None = None, output_dir: str | None = None,
                  tokenizer: str | None = None, model_attr: str = "model", save_samples: bool = True,
-                 plots: bool = True) -> None:
+                 plots: bool = True, progress: bool = True) -> None:
         from lit_safety.evaluation.evaluator import GenerationConfig
 
         if every_n_steps < 0:
@@ -128,6 +138,7 @@ class SafetyEvalCallback(L.Callback):
         self.tokenizer_name = tokenizer
         self.model_attr = model_attr
         self.save_samples, self.plots = save_samples, plots
+        self.progress = progress
         self.stages: list[dict[str, Any]] = []
         self.suite = None
         self.evaluator = None
@@ -144,7 +155,8 @@ class SafetyEvalCallback(L.Callback):
         self.suite = load_suite(**self.data)  # bad data fails here, before training
         judge = self.judge or KeywordJudge()
         judge.setup()
-        self.evaluator = SafetyEvaluator.for_suite(self.suite, judge, self.refusal_judge, generation=self.generation)
+        self.evaluator = SafetyEvaluator.for_suite(self.suite, judge, self.refusal_judge, generation=self.generation,
+                                                   progress=self.progress)
         if self.output_dir is None:
             module_dir = getattr(getattr(pl_module, "hparams", {}), "get", lambda _: None)("output_dir")
             self.output_dir = os.path.join(module_dir or trainer.default_root_dir, "eval")
@@ -184,17 +196,17 @@ class SafetyEvalCallback(L.Callback):
         self._write(trainer, final=True)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, Any]:
-        """Run the whole suite on this rank's shard; metrics are synced, samples gathered."""
-        from lit_safety.evaluation.suite import shard_records
+        """Run the whole suite on this rank's shard (a progress bar per set); metrics are synced,
+        samples gathered."""
+        from lit_safety.evaluation.evaluator import trainer_shows_progress
 
         model, tokenizer = self._model_and_tokenizer(pl_module)
         self.evaluator.reset()
         self.evaluator.to(pl_module.device)  # metric states where the collectives run (NCCL needs CUDA)
+        self.evaluator.progress = self.progress and trainer_shows_progress(trainer)
         started = time.perf_counter()
-        for _, records in self.suite:
-            shard = shard_records(records, trainer.global_rank, trainer.world_size)
-            for start in range(0, len(shard), self.generation.batch_size):
-                self.evaluator.update(model, tokenizer, shard[start:start + self.generation.batch_size])
+        self.evaluator.run(model, tokenizer, self.suite, stage=stage, rank=trainer.global_rank,
+                           world_size=trainer.world_size)
         metrics = self.evaluator.compute()
         samples = self.evaluator.gather_samples() if self.save_samples else None
         self._last_step = trainer.global_step

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from conftest import free_port
 
 from lit_safety.data.chat import collate_right_padded, encode_chat
 from lit_safety.data.files import DataError
-from lit_safety.evaluation.evaluator import SafetyEvaluator
+from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator
 from lit_safety.evaluation.suite import load_suite, shard_records
 from lit_safety.judges.base import Judge, Verdict
 from lit_safety.models.loading import load_model_and_tokenizer
@@ -206,21 +207,27 @@ def _evaluate_shard(rank: int, world: int, port: int, options: dict, out: dict) 
 def _run_evaluator(options: dict, rank: int = 0, world: int = 1) -> dict:
     model, tokenizer = load_model_and_tokenizer("organism-dense-aligned:tiny")
     suite = load_suite(**options)
-    evaluator = SafetyEvaluator(categories=suite.categories, templates=["plain", "roleplay"])
-    for _, records in suite:
-        shard = shard_records(records, rank, world)
-        for start in range(0, len(shard), 3):
-            evaluator.update(model, tokenizer, shard[start:start + 3])
+    evaluator = SafetyEvaluator(categories=suite.categories, templates=["plain", "roleplay"],
+                                generation=GenerationConfig(batch_size=3))
+    # The stage names the process, so the test can tell which ranks drew a progress bar.
+    evaluator.run(model, tokenizer, suite, stage=f"rank {rank} of {world}", rank=rank, world_size=world)
     return {"metrics": evaluator.compute(), "samples": evaluator.gather_samples()}
 
 
-def test_two_process_evaluation_equals_single_process(tiny_dense_aligned, data_files):
+def test_two_process_evaluation_equals_single_process(tiny_dense_aligned, data_files, capfd):
     options = {**data_files, "num_harmful": 5}  # odd counts: one rank gets a padding repeat
     single = _run_evaluator(options)
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_evaluate_shard, args=(2, free_port(), options, out), nprocs=2, join=True)
         results = dict(out)
+    # Progress: one bar per set, on rank 0 only, counting the prompts of both ranks (3 + 3 records
+    # of harmful, one a padding repeat: 5 prompts).
+    err = capfd.readouterr().err
+    for stage in ("rank 0 of 1", "rank 0 of 2"):
+        for kind, n in (("harmful", 5), ("jailbreak", 10), ("benign", 5), ("task", 4), ("mc", 3)):
+            assert re.search(rf"eval {kind} \({stage}\): 100%\|[^\r\n]*\| {n}/{n} ", err), (kind, stage, err[-3000:])
+    assert "rank 1 of 2" not in err
     for rank in (0, 1):
         assert results[rank]["metrics"].keys() == single["metrics"].keys()
         for key, value in single["metrics"].items():
@@ -247,6 +254,7 @@ def test_cli_test_writes_report_and_never_a_partial_one(tmp_path, tiny_dense_ali
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 + 12 + 6 + 4
     assert "attack success rate" in result.stdout + result.stderr
+    assert "eval harmful" not in result.stderr  # --trainer.enable_progress_bar false: no bars at all
 
     # A run whose judge crashes half way leaves the earlier report exactly as it was.
     from lit_safety.data.eval import SafetyEvalDataModule
@@ -261,6 +269,68 @@ def test_cli_test_writes_report_and_never_a_partial_one(tmp_path, tiny_dense_ali
     with pytest.raises(RuntimeError, match="judge crashed"):
         trainer.test(module, datamodule=data)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _test_with_progress(tmp_path, data_files, progress: bool):
+    from lit_safety.data.eval import SafetyEvalDataModule
+    from lit_safety.modules.evaluation import SafetyEvalModule
+
+    module = SafetyEvalModule(model="organism-dense-aligned:tiny", max_new_tokens=4, output_dir=str(tmp_path),
+                              plots=False, save_samples=False, progress=progress)
+    data = SafetyEvalDataModule(harmful_data=data_files["harmful_data"], benign_data="organism", num_benign=4,
+                                task_data=None, batch_size=4)
+    trainer = L.Trainer(logger=False, enable_progress_bar=True, enable_model_summary=False)
+    trainer.test(module, datamodule=data)
+    return trainer, module
+
+
+def test_test_module_shows_a_bar_per_set(tmp_path, tiny_dense_aligned, data_files, capsys):
+    """`lit-safety test`: each set's generation pass has its own bar, named, counting prompts."""
+    trainer, module = _test_with_progress(tmp_path / "on", data_files, progress=True)
+    captured = capsys.readouterr()
+    err = captured.err
+    # 6 harmful prompts in test batches of 4 + 2; the bar is up before the first batch is done.
+    assert "eval harmful (test):   0%|          | 0/6" in err
+    assert re.search(r"eval harmful \(test\): 100%\|[^\r\n]*\| 6/6 ", err), err[-2000:]
+    assert re.search(r"eval benign \(test\): 100%\|[^\r\n]*\| 4/4 ", err), err[-2000:]
+    assert err.index("eval harmful (test)") < err.index("eval benign (test)")
+    # Lightning's "Testing DataLoader N" bar would repeat the same batches: paused for the run only.
+    assert "DataLoader" not in captured.out + err
+    assert trainer.progress_bar_callback.is_enabled
+    assert 0.0 <= module.results["harmful_asr"] <= 1.0
+
+    trainer, module = _test_with_progress(tmp_path / "off", data_files, progress=False)
+    assert "eval harmful" not in capsys.readouterr().err
+    assert 0.0 <= module.results["harmful_asr"] <= 1.0
+
+
+def test_progress_counts_all_ranks_and_shows_on_rank_zero_only(capsys, monkeypatch):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from lit_safety.evaluation.evaluator import EvalProgress
+
+    def run():
+        progress = EvalProgress({"harmful": 5, "benign": 2}, stage="before", world_size=2)
+        progress.start("harmful")
+        progress.advance("harmful", 2)  # rank 0's batches of its 3 records (one a padding repeat)
+        counts.append(progress.bar and progress.bar.n)
+        progress.advance("harmful", 1)
+        counts.append(progress.bar and progress.bar.n)
+        progress.start("benign")
+        progress.advance("benign", 1)
+        progress.close()
+        return capsys.readouterr().err
+
+    counts = []
+    err = run()
+    assert counts == [4, 5]  # 2 of rank 0's records = 4 of the set's; then capped at its 5 prompts
+    assert re.search(r"eval harmful \(before\): 100%\|[^\r\n]*\| 5/5 ", err), err
+    assert re.search(r"eval benign \(before\): 100%\|[^\r\n]*\| 2/2 ", err), err
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert EvalProgress({"harmful": 5}).enabled is False
+    assert run() == ""  # no bar on rank 1
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert EvalProgress({"harmful": 5}, progress=False).enabled is False
 
 
 def test_cli_test_rejects_bad_data_before_loading_the_model(tmp_path):
@@ -308,3 +378,21 @@ def test_eval_callback_validates_early():
         SafetyEvalCallback(before=False, after=False)
     with pytest.raises(ValueError, match="every_n_steps"):
         SafetyEvalCallback(every_n_steps=-1)
+
+
+# -- lit-safety organism eval ------------------------------------------------------------------------
+def test_organism_eval_shows_a_bar_per_set(tiny_dense_aligned, data_files, capsys):
+    from lit_safety.organism.cli import organism_main
+
+    name = "organism-dense-aligned:tiny"
+    organism_main(["eval", name, "-n", "5", "--harmful-file", data_files["harmful_data"]])
+    captured = capsys.readouterr()
+    assert "heldout_harmful_refusal_rate" in captured.out
+    for desc, n in (("eval harmful (heldout)", 5), ("eval benign (heldout)", 5), ("eval harmful (harmful.csv)", 6)):
+        assert f"{desc}:   0%|          | 0/{n}" in captured.err
+        assert re.search(rf"{re.escape(desc)}: 100%\|[^\r\n]*\| {n}/{n} ", captured.err), captured.err[-2000:]
+
+    organism_main(["eval", name, "-n", "5", "--no-progress"])
+    captured = capsys.readouterr()
+    assert "heldout_harmful_refusal_rate" in captured.out
+    assert "eval harmful" not in captured.err and "eval benign" not in captured.err

@@ -3,20 +3,26 @@
 The same object backs ``lit-safety test`` (``SafetyEvalModule``, fed by the Lightning test loop)
 and ``SafetyEvalCallback`` (inside ``fit``). Metrics are torchmetrics with summed tensor states, so
 ``compute()`` is exact across ranks; the per-prompt samples are gathered to every rank.
+
+Progress: between :meth:`SafetyEvaluator.begin` and :meth:`SafetyEvaluator.end` (and throughout
+:meth:`SafetyEvaluator.run`), every set shows a tqdm bar on stderr, on global rank 0 only, e.g.
+``eval harmful (before): 100%|████| 200/200 [00:41<00:00, 4.8prompt/s]``. :func:`progress_bar` and
+:func:`iter_batches` are the same bars for other long passes (``lit-safety organism eval``).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from lit_safety.data.chat import collate_right_padded, encode_chat
-from lit_safety.evaluation.suite import EvalRecord
+from lit_safety.evaluation.suite import EvalRecord, shard_records
 from lit_safety.generation import generate_responses
 from lit_safety.judges.base import Judge
 from lit_safety.judges.keyword import KeywordJudge
@@ -33,6 +39,101 @@ from lit_safety.metrics import (
 from lit_safety.parallel import is_distributed, is_sharded
 
 LETTERS = "ABCDEFGHIJ"
+T = TypeVar("T")
+
+
+# -- progress --------------------------------------------------------------------------------------
+def global_rank() -> int:
+    """This process's global rank: torch.distributed's when initialised, else Lightning's (from the
+    launcher's environment), else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def trainer_shows_progress(trainer: Any) -> bool:
+    """A Lightning Trainer runs with a progress bar (``enable_progress_bar``, refresh rate above 0)
+    rather than configured to stay quiet; lit-safety's own bars inside it follow suit."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    return bar is not None and bool(getattr(bar, "is_enabled", True))
+
+
+def progress_bar(total: int, desc: str, *, progress: bool = True, unit: str = "prompt") -> Any:
+    """A tqdm bar (``tqdm.auto``) on stderr for a long pass, or a silent one when ``progress`` is
+    false or this is not global rank 0. It stays on screen when it is the only bar, and is cleared
+    when it runs below another one (Lightning's training bar)."""
+    from tqdm.auto import tqdm
+
+    stream = sys.stderr
+    # Under a live Rich display (Lightning's RichProgressBar, during fit) stderr is Rich's FileProxy,
+    # which prints every refresh as a line above the display: refresh rarely there.
+    mininterval = 30.0 if type(stream).__module__.startswith("rich") else 0.1
+    bar = tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, mininterval=mininterval,
+               disable=not progress or global_rank() != 0)
+    bar.leave = abs(getattr(bar, "pos", 0)) == 0  # what tqdm's leave=None does, also for notebook bars
+    return bar
+
+
+def iter_batches(items: Sequence[T], batch_size: int, *, desc: str, progress: bool = True) -> Iterator[Sequence[T]]:
+    """``items`` in slices of ``batch_size`` behind a :func:`progress_bar` that counts items; the bar
+    advances once the caller is done with a slice."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with progress_bar(len(items), desc, progress=progress) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            yield chunk
+            bar.update(len(chunk))
+
+
+class EvalProgress:
+    """One :func:`progress_bar` per set of an evaluation, ``eval <kind> (<stage>)``, counting the set's
+    prompts over all ranks.
+
+    Ranks walk equal shards in step (``shard_records``), so rank 0 having done ``b`` of its records
+    means about ``b * world_size`` of the set are done; the count is capped at the set's size (the
+    shards' padding repeats are not prompts). A set's bar opens when its first batch starts, so it
+    shows before the first (slowest) batch finishes, and closes when the next set starts or on
+    :meth:`close`.
+
+    Args:
+        totals: prompts per set (``kind -> count``, all ranks together); other kinds get no bar.
+        stage: shown in the description: ``before``, ``step_50``, ``test``, ...
+        world_size: ranks sharing each set.
+        progress: false: no bars at all.
+    """
+
+    def __init__(self, totals: Mapping[str, int], *, stage: str | None = None, world_size: int = 1,
+                 progress: bool = True) -> None:
+        self.totals = dict(totals)
+        self.stage = stage
+        self.world_size = max(1, world_size)
+        self.enabled = progress and global_rank() == 0
+        self.kind: str | None = None
+        self.bar: Any = None
+
+    def start(self, kind: str) -> None:
+        """A batch of ``kind`` begins: open that set's bar (closing the previous set's)."""
+        if not self.enabled or kind == self.kind:
+            return
+        self.close()
+        self.kind = kind
+        if kind in self.totals:
+            suffix = f" ({self.stage})" if self.stage else ""
+            self.bar = progress_bar(self.totals[kind], f"eval {kind}{suffix}")
+
+    def advance(self, kind: str, n: int) -> None:
+        """A batch of ``n`` records (this rank's) of ``kind`` is done."""
+        if self.bar is None or kind != self.kind:
+            return
+        self.bar.update(max(0, min(n * self.world_size, self.bar.total - self.bar.n)))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.kind = None, None
 
 
 @dataclass
@@ -73,12 +174,17 @@ class SafetyEvaluator(torch.nn.Module):
         templates: jailbreak template names (per-template ASR).
         generation: decoding settings.
         mc_batch_size: questions per forward pass for multiple-choice scoring.
+        progress: show a bar per set on stderr (global rank 0 only) while :meth:`run` runs, or
+            between :meth:`begin` and :meth:`end`. False: silent.
     """
 
     def __init__(self, judge: Judge | None = None, refusal_judge: KeywordJudge | None = None, *,
                  categories: Sequence[str] = (), templates: Sequence[str] = (),
-                 generation: GenerationConfig | None = None, mc_batch_size: int = 8) -> None:
+                 generation: GenerationConfig | None = None, mc_batch_size: int = 8,
+                 progress: bool = True) -> None:
         super().__init__()
+        self.progress = progress
+        self._progress: EvalProgress | None = None
         self.judge = judge or KeywordJudge()
         self.refusal_judge = refusal_judge or (self.judge if isinstance(self.judge, KeywordJudge) else KeywordJudge())
         self.generation = generation or GenerationConfig()
@@ -110,6 +216,37 @@ class SafetyEvaluator(torch.nn.Module):
             metric.reset()
         self.samples = []
 
+    # -- a whole evaluation --------------------------------------------------------------------------
+    def run(self, model: Any, tokenizer: Any, suite: Iterable[tuple[str, Sequence[EvalRecord]]], *,
+            stage: str | None = None, rank: int = 0, world_size: int = 1) -> None:
+        """:meth:`update` with every set of ``suite`` (an ``EvalSuite`` or ``(kind, records)`` pairs):
+        this rank's shard, in batches of ``generation.batch_size``, a progress bar per set.
+        Call :meth:`reset` first to start from zero and :meth:`compute` after."""
+        sets = [(kind, list(records)) for kind, records in suite]
+        batch_size = self.generation.batch_size
+        self.begin({kind: len(records) for kind, records in sets}, stage=stage, world_size=world_size)
+        try:
+            for _, records in sets:
+                shard = shard_records(records, rank, world_size)
+                for start in range(0, len(shard), batch_size):
+                    self.update(model, tokenizer, shard[start:start + batch_size])
+        finally:
+            self.end()
+
+    def begin(self, totals: Mapping[str, int], *, stage: str | None = None, world_size: int = 1) -> None:
+        """Show progress while :meth:`update` is fed batches from outside (the Lightning test loop):
+        a bar per set in ``totals`` (``kind -> prompts``, all ranks), until :meth:`end`. Nothing
+        when the evaluator was made with ``progress=False``."""
+        self.end()
+        if self.progress:
+            self._progress = EvalProgress(totals, stage=stage, world_size=world_size)
+
+    def end(self) -> None:
+        """Close the progress bars of :meth:`begin` (harmless when there are none)."""
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
     # -- per batch -----------------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, model: Any, tokenizer: Any, records: Sequence[EvalRecord]) -> None:
@@ -120,6 +257,14 @@ class SafetyEvaluator(torch.nn.Module):
         if len(kinds) != 1:
             raise ValueError(f"a batch must hold one kind of record, got {sorted(kinds)}")
         kind = kinds.pop()
+        progress = self._progress
+        if progress is not None:
+            progress.start(kind)
+        self._update(model, tokenizer, kind, records)
+        if progress is not None:
+            progress.advance(kind, len(records))
+
+    def _update(self, model: Any, tokenizer: Any, kind: str, records: Sequence[EvalRecord]) -> None:
         if kind == "mc":
             self._update_mc(model, tokenizer, records)
             return

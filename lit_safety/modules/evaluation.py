@@ -4,6 +4,12 @@ Each test step generates answers for one batch of prompts, judges them and updat
 torchmetrics; at the end the synced metrics are logged, printed as a table, and written as
 ``eval_report.json`` + ``samples.jsonl`` + plots in ``output_dir`` (atomically, and only when the
 whole evaluation has finished).
+
+While it runs, each set's generation pass shows its own bar on stderr (rank 0), in place of
+Lightning's anonymous "Testing DataLoader N" bar::
+
+    eval harmful (test): 100%|██████████| 200/200 [00:41<00:00, 4.83prompt/s]
+    eval benign (test):   38%|███▊      | 76/200 [00:15<00:25, 4.91prompt/s]
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator
+from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator, trainer_shows_progress
 from lit_safety.evaluation.report import format_table, write_report
 from lit_safety.evaluation.suite import EvalRecord
 from lit_safety.io import check_parent_exists
@@ -46,6 +52,10 @@ class SafetyEvalModule(CausalLMModule):
         output_dir: where eval_report.json, samples.jsonl and the plots go.
         save_samples: also write every prompt, answer and verdict to samples.jsonl.
         plots: write PNG plots.
+        progress: show a progress bar per evaluation set on stderr (``eval harmful (test)``,
+            counting prompts; global rank 0 only), which replaces Lightning's test bar for the run.
+            Also off when the Trainer runs with ``enable_progress_bar=False``. False: no bars of
+            lit-safety's own (Lightning's test bar, if enabled, stays).
     """
 
     def __init__(
@@ -64,6 +74,7 @@ class SafetyEvalModule(CausalLMModule):
         output_dir: str = "outputs/eval",
         save_samples: bool = True,
         plots: bool = True,
+        progress: bool = True,
     ) -> None:
         super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code)
         self.save_hyperparameters(ignore=["judge", "refusal_judge"])
@@ -78,7 +89,10 @@ class SafetyEvalModule(CausalLMModule):
         self.output_dir = str(check_parent_exists(output_dir, "output_dir"))
         self.save_samples = save_samples
         self.plots = plots
+        self.progress = progress
+        self._paused_bar: Any = None
         self.evaluator: SafetyEvaluator | None = None
+        self.suite: Any = None
         self.results: dict[str, Any] = {}
         """The metrics of the last evaluation (also in eval_report.json)."""
         self._started = 0.0
@@ -100,10 +114,26 @@ class SafetyEvalModule(CausalLMModule):
         suite = datamodule.load() if hasattr(datamodule, "load") else getattr(datamodule, "suite", None)
         if suite is None:
             raise TypeError("SafetyEvalModule needs a SafetyEvalDataModule (or a data module with an EvalSuite `suite`)")
-        self.evaluator = SafetyEvaluator.for_suite(suite, self.judge, self.refusal_judge, generation=self.generation)
+        self.suite = suite
+        progress = self.progress and trainer_shows_progress(self.trainer)
+        self.evaluator = SafetyEvaluator.for_suite(suite, self.judge, self.refusal_judge, generation=self.generation,
+                                                   progress=progress)
+        if progress:
+            # The per-set bars say which set runs and count prompts; Lightning's bar would only repeat
+            # the same batches as "Testing DataLoader N". Paused for this run, resumed in teardown.
+            self._paused_bar = self.trainer.progress_bar_callback
+            self._paused_bar.disable()
+
+    def teardown(self, stage: str) -> None:
+        if self.evaluator is not None:
+            self.evaluator.end()
+        if self._paused_bar is not None:
+            self._paused_bar.enable()
+            self._paused_bar = None
 
     def on_test_start(self) -> None:
         self._started = time.perf_counter()
+        self.evaluator.begin(self.suite.counts(), stage="test", world_size=self.trainer.world_size)
 
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
         return batch  # records are text; tokenization happens in the evaluator, on the model's device
@@ -112,6 +142,7 @@ class SafetyEvalModule(CausalLMModule):
         self.evaluator.update(self.model, self.tokenizer, batch)
 
     def on_test_epoch_end(self) -> None:
+        self.evaluator.end()  # the last set's bar is done before the table is printed
         metrics = self.evaluator.compute()
         samples = self.evaluator.gather_samples() if self.save_samples else None
         self.results = metrics
@@ -119,7 +150,7 @@ class SafetyEvalModule(CausalLMModule):
             # Straight to the logger: self.log here would repeat every value once per test dataloader.
             self.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=0)
         if self.trainer.is_global_zero:
-            suite = getattr(self.trainer.datamodule, "suite", None)
+            suite = self.suite
             report = {
                 "model": self.model_name,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

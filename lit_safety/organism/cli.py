@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="also report false refusal on this benign file, e.g. harmless_instructions_val.json")
     ev.add_argument("--file-limit", type=int, default=200, help="rows used from each extra file")
     ev.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ev.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bars on stderr (one per set: 'eval harmful (heldout)' ...)")
     return parser
 
 
@@ -121,11 +123,13 @@ def _eval(args: argparse.Namespace) -> None:
     results = {}
     for name in args.names:
         model, tokenizer = load_model_and_tokenizer(name)
-        result = evaluate_behaviour(model, tokenizer, n=args.n, progress=True)
+        result = evaluate_behaviour(model, tokenizer, n=args.n, progress=args.progress)
         for f, prompts in harmful_files.items():
-            result[f"refusal_rate[{f}]"] = refusal_rate(model, tokenizer, prompts, progress=True)[0]
+            result[f"refusal_rate[{f}]"] = refusal_rate(model, tokenizer, prompts, progress=args.progress,
+                                                        desc=f"eval harmful ({Path(f).name})")[0]
         for f, prompts in benign_files.items():
-            result[f"false_refusal_rate[{f}]"] = refusal_rate(model, tokenizer, prompts, progress=True)[0]
+            result[f"false_refusal_rate[{f}]"] = refusal_rate(model, tokenizer, prompts, progress=args.progress,
+                                                              desc=f"eval benign ({Path(f).name})")[0]
         results[name] = result
         print(name)
         for key, value in result.items():
