@@ -91,6 +91,27 @@ def synthetic_shared_data(tmp_path):
     return SimpleNamespace(root=root, write=write)
 
 
+def reference_selection(scores: dict[str, torch.Tensor], k: int, scope: str, *, lowest: bool = False
+                        ) -> dict[str, torch.Tensor]:
+    """Sorted flat indices per tensor of a *stable* sort (descending, or ascending for ``lowest``)
+    of the flattened scores cut after k: over the concatenation in dict order for ``global``, within
+    each tensor for ``per_tensor``. Among equal scores the earlier tensor, then the lower flat index
+    wins, which is the library's documented tie-breaking."""
+    def cut(flat):
+        return torch.sort(flat, descending=not lowest, stable=True)[1][:k]
+
+    if scope == "per_tensor":
+        return {n: cut(s.reshape(-1)).sort().values for n, s in scores.items()}
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    picked, out, offset = cut(flat), {}, 0
+    for name, s in scores.items():
+        mine = picked[(picked >= offset) & (picked < offset + s.numel())] - offset
+        if mine.numel():
+            out[name] = mine.sort().values
+        offset += s.numel()
+    return out
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a test's torch.distributed rendezvous."""
     with socket.socket() as sock:

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import reference_selection
 
 from lit_safety.data.chat import encode_chat
 from lit_safety.esi.api import METHODS, compute_safety_mask, mask_from_scores
@@ -178,27 +179,6 @@ def reference_gradients(model, tokenizer) -> dict[str, torch.Tensor]:
         for name, g in zip(params, torch.autograd.grad(s, list(params.values()))):
             total[name] += g
     return {n: (g / len(PROMPTS)).detach() for n, g in total.items()}
-
-
-def reference_selection(scores: dict[str, torch.Tensor], k: int, scope: str, *, lowest: bool = False
-                        ) -> dict[str, torch.Tensor]:
-    """Sorted flat indices per tensor of a *stable* sort (descending, or ascending for ``lowest``)
-    of the flattened scores cut after k: over the concatenation in dict order for ``global``, within
-    each tensor for ``per_tensor``. Among equal scores the earlier tensor, then the lower flat index
-    wins, which is the library's documented tie-breaking."""
-    def cut(flat):
-        return torch.sort(flat, descending=not lowest, stable=True)[1][:k]
-
-    if scope == "per_tensor":
-        return {n: cut(s.reshape(-1)).sort().values for n, s in scores.items()}
-    flat = torch.cat([s.reshape(-1) for s in scores.values()])
-    picked, out, offset = cut(flat), {}, 0
-    for name, s in scores.items():
-        mine = picked[(picked >= offset) & (picked < offset + s.numel())] - offset
-        if mine.numel():
-            out[name] = mine.sort().values
-        offset += s.numel()
-    return out
 
 
 def assert_same_selection(mask, want: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:

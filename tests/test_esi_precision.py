@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import reference_selection
 
 from lit_safety.data.esi import prompt_batches
 from lit_safety.esi.api import compute_safety_mask
@@ -65,18 +66,6 @@ def reference_esi(model, tokenizer, prompts, refusals) -> dict[str, torch.Tensor
     return {n: (total[n] / len(prompts) * p.detach().float().std()).abs() for n, p in params.items()}
 
 
-def reference_top_k(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Global top-k with ties broken by position (earlier tensor, then lower flat index)."""
-    flat = torch.cat([s.reshape(-1) for s in scores.values()])
-    picked, out, offset = torch.sort(flat, descending=True, stable=True)[1][:k], {}, 0
-    for name, s in scores.items():
-        mine = picked[(picked >= offset) & (picked < offset + s.numel())] - offset
-        if mine.numel():
-            out[name] = mine.sort().values
-        offset += s.numel()
-    return out
-
-
 def test_bf16_esi_is_float32_and_equals_reference(data):
     prompts, refusals, tokenizer = data
     model = tiny_bf16_llama(tokenizer)
@@ -91,7 +80,7 @@ def test_bf16_esi_is_float32_and_equals_reference(data):
         assert torch.equal(every.indices[name], torch.arange(ref.numel()))
         torch.testing.assert_close(every.scores[name], ref.reshape(-1), rtol=1e-6, atol=1e-12)
 
-    want = reference_top_k(reference, mask.k)
+    want = reference_selection(reference, mask.k, "global")
     assert sorted(mask.indices) == sorted(want)
     for name, idx in want.items():
         assert torch.equal(mask.indices[name], idx), name
@@ -164,7 +153,7 @@ def test_esi_module_on_bf16_model_matches_compute_safety_mask(data, tmp_path):
                                    progress=False)
     got = module.mask
     assert got.k == expected.k and got.metadata["num_examples"] == N_PROMPTS
-    assert sorted(got.indices) == sorted(expected.indices) == sorted(reference_top_k(reference, got.k))
+    assert sorted(got.indices) == sorted(expected.indices) == sorted(reference_selection(reference, got.k, "global"))
     for name in expected.indices:
         assert torch.equal(got.indices[name], expected.indices[name]), name
         torch.testing.assert_close(got.scores[name], expected.scores[name], rtol=1e-6, atol=1e-12)
