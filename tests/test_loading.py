@@ -113,3 +113,30 @@ def test_organism_build_is_deterministic(tmp_path, monkeypatch):
         weights.append(load_file(path / "model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_organisms_build_in_float32_without_autocast(tiny_dense_aligned, monkeypatch):
+    """float32 is the one build precision (bf16 autocast is ~12x slower than float32 on CPUs without
+    bf16 units): it is in the spec, the cache key and organism.json, and training never autocasts."""
+    from lit_safety.organism import build
+    from lit_safety.organism.specs import PRESETS, OrganismSpec
+
+    spec = PRESETS["tiny"]["dense"]
+    assert spec.precision == "float32" and PRESETS["default"]["moe"].precision == "float32"
+    assert "-float32-" in build.family_root(spec).name
+    assert build.family_root(spec) != build.family_root(spec.replace(precision="bf16-mixed"))
+    assert build.read_build_info(tiny_dense_aligned)["spec"]["precision"] == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        OrganismSpec(precision="bf16")
+
+    def no_autocast(*args, **kwargs):
+        raise AssertionError("a float32 build must not autocast")
+
+    monkeypatch.setattr(torch, "autocast", no_autocast)
+    model = build.new_model(spec, load_tokenizer(str(tiny_dense_aligned)))
+    data = [{"input_ids": [1, 5, 6, 7, 2], "attention_mask": [1] * 5, "labels": [-100, -100, 6, 7, 2]}] * 4
+    stats = build.train_causal_lm(model, data, spec.replace(batch_size=2), steps=2, seed=0, pad_id=0, progress=False)
+    assert stats["steps"] == 2 and next(model.parameters()).dtype == torch.float32
+    with pytest.raises(AssertionError, match="must not autocast"):  # the opt-in does autocast
+        build.train_causal_lm(model, data, spec.replace(batch_size=2, precision="bf16-mixed"), steps=1, seed=0,
+                              pad_id=0, progress=False)
