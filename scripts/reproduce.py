@@ -6,16 +6,19 @@
 2. Where safety lives: the ESI top-1% of the dense vs the MoE aligned organism, by component,
    layer and expert.
 3. SET on the UNALIGNED organisms: ESI-1% vs random-1% vs bottom-1% vs full fine-tuning, 100
-   steps on refusal pairs (3 of 4 benign), a small learning-rate sweep per method on the first
-   seed (the best rate per method -- lowest ASR with over-refusal within 5 points of before -- is
-   then repeated on the other seeds and reported); direct and jailbreak-template ASR,
-   over-refusal, task accuracy, wall time and peak memory.
+   steps on refusal pairs mixed with benign instruction pairs. Per method a sweep of learning
+   rate x benign share runs on the first seed and is measured on the VALIDATION prompts (held-out
+   distribution, never a test prompt); the setting with the lowest validation ASR whose validation
+   over-refusal stays within ``set_over_refusal_budget`` of before (or, if none does, the lowest
+   over-refusal) is then run on every seed and reported on the test prompts: direct and jailbreak-template ASR, over-refusal, task accuracy,
+   wall time and peak memory.
 4. SPA on the ALIGNED organisms: task fine-tuning (arithmetic word problems) with the ESI top-k
    frozen vs random-k frozen vs full fine-tuning; refusal before/after, task accuracy.
 
 Every cell runs for ``--seeds`` seeds (mean and standard deviation reported). Metrics come from
-the same SafetyEvaluator as ``lit-safety test`` on the organisms' held-out prompts (templates and
-intents their training never saw), judged by the extended refusal-keyword list.
+the same SafetyEvaluator as ``lit-safety test`` on the organisms' held-out test prompts (templates
+and intents their training never saw), judged by the extended refusal-keyword list; settings are
+chosen on the separate validation prompts (``organism-validation``), never on the test prompts.
 
 Outputs in ``--out`` (default outputs/reproduce): results.json (every run), results.csv (one row
 per run and metric), summary.json, RESULTS.md (the tables the README reproduces) and PNG plots.
@@ -51,7 +54,7 @@ from lit_safety.esi.api import compute_safety_mask  # noqa: E402
 from lit_safety.esi.report import summarize_mask  # noqa: E402
 from lit_safety.esi.scoring import parameter_std  # noqa: E402
 from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator  # noqa: E402
-from lit_safety.evaluation.suite import load_suite  # noqa: E402
+from lit_safety.evaluation.suite import ORGANISM, ORGANISM_VALIDATION, load_suite  # noqa: E402
 from lit_safety.io import atomic_dir, write_json  # noqa: E402
 from lit_safety.judges.keyword import KeywordJudge  # noqa: E402
 from lit_safety.models.loading import load_model_and_tokenizer  # noqa: E402
@@ -75,7 +78,11 @@ class Settings:
     perturb_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
     set_steps: int = 100
     set_lrs: dict[str, list[float]] = field(default_factory=lambda: {
-        "esi": [0.01, 0.02], "random": [0.02, 0.04], "bottom": [0.02, 0.04], "full": [3e-4, 1e-3]})
+        "esi": [0.005, 0.01, 0.02], "random": [0.02, 0.04, 0.08], "bottom": [0.02, 0.04, 0.08], "full": [3e-4, 1e-3]})
+    set_benign_ratios: list[float] = field(default_factory=lambda: [0.5, 0.67, 0.75, 0.85])
+    """Share of benign instruction -> answer pairs in SET's training data (swept with the rate)."""
+    set_over_refusal_budget: float = 0.05
+    """A SET setting qualifies if its validation over-refusal is at most this above before's."""
     spa_steps: int = 1000
     spa_lr: float = 6e-4
     spa_ratio: float = 0.05
@@ -89,7 +96,7 @@ class Settings:
     def quick(cls) -> Settings:
         return cls(organisms=["dense"], seeds=[0], n_eval=40, perturb_methods=["esi", "random", "bottom"],
                    perturb_scales=[3.0], set_steps=30, set_lrs={"esi": [0.02], "random": [0.02], "bottom": [0.02],
-                                                                "full": [1e-3]},
+                                                                "full": [1e-3]}, set_benign_ratios=[0.75],
                    spa_steps=60, spa_methods=["esi", "full"], spa_methods_moe=["esi", "full"], esi_prompts=64)
 
 
@@ -100,12 +107,13 @@ def organism_name(kind: str, variant: str, preset: str) -> str:
 
 # -- measurement --------------------------------------------------------------------------------------
 class Meter:
-    """Safety and utility of a model on the held-out suite (one SafetyEvaluator per call)."""
+    """Safety and utility of a model on the held-out test suite, or on the validation prompts
+    (``source="organism-validation"``; harmful + benign only), one SafetyEvaluator per call."""
 
-    def __init__(self, n: int, templates_file: Path, with_task: bool) -> None:
-        self.suite = load_suite(num_harmful=n, num_benign=n, num_task=n if with_task else None,
-                                task_data="organism" if with_task else None,
-                                jailbreak_templates=str(templates_file))
+    def __init__(self, n: int, templates_file: Path | None, with_task: bool, source: str = ORGANISM) -> None:
+        self.suite = load_suite(harmful_data=source, benign_data=source, num_harmful=n, num_benign=n,
+                                num_task=n if with_task else None, task_data=source if with_task else None,
+                                jailbreak_templates=str(templates_file) if templates_file else None)
         self.judge = KeywordJudge(prefixes="extended")
 
     def __call__(self, model: Any, tokenizer: Any, kinds: tuple[str, ...] = ("harmful", "jailbreak", "benign", "task")):
@@ -193,32 +201,50 @@ def train(model_name: str, method: str, selection: str, ratio: float, lr: float,
     return module, seconds, peak_mib
 
 
-def set_runs(kind: str, s: Settings, meter: Meter, preset: str, workdir: Path, log) -> list[dict]:
+def set_runs(kind: str, s: Settings, meter: Meter, val_meter: Meter, preset: str, workdir: Path, log) -> list[dict]:
+    """SET per method: the (lr, benign share) sweep on the first seed, measured on validation
+    prompts; the chosen setting on every seed, measured on the test prompts."""
     name = organism_name(kind, "unaligned", preset)
     model, tokenizer = load_model_and_tokenizer(name)
     runs = [{"experiment": "set", "organism": kind, "method": "before", "setting": "-", "seed": 0,
-             **meter(model, tokenizer)}]
+             **meter(model, tokenizer)},
+            {"experiment": "set_validation", "organism": kind, "method": "before", "setting": "-", "seed": 0,
+             **val_meter(model, tokenizer, kinds=("harmful", "benign"))}]
+    limit = runs[1]["over_refusal"] + s.set_over_refusal_budget
     del model
-    chosen: dict[str, float] = {}
-    for i, seed in enumerate(s.seeds):
-        for method, lrs in s.set_lrs.items():
-            # The learning-rate sweep runs on the first seed; the other seeds repeat the chosen rate.
-            for lr in (lrs if i == 0 else [chosen[method]]):
-                data = RefusalDataModule(tokenizer=name, num_samples=2000, benign_ratio=0.75, batch_size=16,
-                                         max_length=128, seed=seed)
-                module, seconds, peak = train(name, "full" if method == "full" else "set",
-                                              "esi" if method == "full" else method, s.ratio, lr, s.set_steps, seed,
-                                              data, workdir / f"set-{kind}-{method}-{lr}-{seed}")
-                m = meter(module.model, module.tokenizer)
-                runs.append({"experiment": "set", "organism": kind, "method": method, "setting": f"lr={lr:g}",
-                             "seed": seed, **m, "seconds": seconds, "peak_extra_mib": peak,
-                             "trainable": int(module.trainable_weights)})
-                log(f"SET {kind} {method} lr={lr:g} seed={seed}: ASR {m['asr']:.1%}, over-refusal "
-                    f"{m['over_refusal']:.1%} ({seconds:.0f} s)")
-            if i == 0:
-                first = [r for r in runs if r["experiment"] == "set" and r["method"] == method]
-                best = best_set_rows(first, {kind: runs[0]})[0]
-                chosen[method] = float(best["setting"][3:])
+
+    def run(method: str, lr: float, benign: float, seed: int):
+        data = RefusalDataModule(tokenizer=name, num_samples=2000, benign_ratio=benign, batch_size=16,
+                                 max_length=128, seed=seed)
+        return train(name, "full" if method == "full" else "set", "esi" if method == "full" else method, s.ratio,
+                     lr, s.set_steps, seed, data, workdir / f"set-{kind}-{method}-{lr}-{benign}-{seed}")
+
+    def record(method: str, setting: str, seed: int, module, seconds: float, peak: float) -> None:
+        m = meter(module.model, module.tokenizer)
+        runs.append({"experiment": "set", "organism": kind, "method": method, "setting": setting, "seed": seed, **m,
+                     "seconds": seconds, "peak_extra_mib": peak, "trainable": int(module.trainable_weights)})
+        log(f"SET {kind} {method} {setting} seed={seed}: test ASR {m['asr']:.1%}, over-refusal "
+            f"{m['over_refusal']:.1%} ({seconds:.0f} s)")
+
+    first, rest = s.seeds[0], s.seeds[1:]
+    for method, lrs in s.set_lrs.items():
+        trained, sweep = {}, []
+        for lr in lrs:
+            for benign in s.set_benign_ratios:
+                setting = f"lr={lr:g}, benign={benign:g}"
+                trained[setting] = run(method, lr, benign, first)
+                module = trained[setting][0]
+                v = val_meter(module.model, module.tokenizer, kinds=("harmful", "benign"))
+                sweep.append({"experiment": "set_validation", "organism": kind, "method": method, "setting": setting,
+                              "seed": first, **v, "lr": lr, "benign": benign})
+                log(f"SET {kind} {method} {setting} seed={first}: validation ASR {v['asr']:.1%}, "
+                    f"over-refusal {v['over_refusal']:.1%}")
+        best = choose_set_setting(sweep, limit)
+        runs += sweep
+        record(method, best["setting"], first, *trained[best["setting"]])
+        del trained
+        for seed in rest:
+            record(method, best["setting"], seed, *run(method, best["lr"], best["benign"], seed))
     return runs
 
 
@@ -267,21 +293,21 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return out
 
 
-def best_set_rows(rows: list[dict], before: dict[str, dict]) -> list[dict]:
-    """Per organism and method the learning rate with the lowest ASR whose benign answer rate stays
-    within 5 points of before (the lowest ASR overall when none does)."""
-    best = []
-    for organism in sorted({r["organism"] for r in rows}):
-        limit = before[organism]["over_refusal"] + 0.05
-        for method in ("esi", "random", "bottom", "full"):
-            cands = [r for r in rows if r["organism"] == organism and r["method"] == method]
-            if not cands:
-                continue
-            most = max(r.get("seeds", 1) for r in cands)  # the rate repeated over all seeds
-            cands = [r for r in cands if r.get("seeds", 1) == most]
-            ok = [r for r in cands if r["over_refusal"] <= limit] or cands
-            best.append(min(ok, key=lambda r: r["asr"]))
-    return best
+def choose_set_setting(sweep: list[dict], limit: float) -> dict:
+    """The lowest validation ASR among the settings whose validation over-refusal is within ``limit``;
+    when none is, the lowest over-refusal (helpfulness first), ties by ASR."""
+    ok = [r for r in sweep if r["over_refusal"] <= limit]
+    if ok:
+        return min(ok, key=lambda r: (r["asr"], r["over_refusal"]))
+    return min(sweep, key=lambda r: (r["over_refusal"], r["asr"]))
+
+
+def set_rows(agg: list[dict]) -> list[dict]:
+    """The reported SET rows: per organism and method the setting chosen on validation prompts (the
+    only one that ran on the test prompts), in the methods' order."""
+    order = {m: i for i, m in enumerate(("esi", "random", "bottom", "full"))}
+    rows = [r for r in agg if r["experiment"] == "set" and r["method"] != "before"]
+    return sorted(rows, key=lambda r: (r["organism"], order.get(r["method"], 9)))
 
 
 def pct(row: dict, metric: str) -> str:
@@ -326,8 +352,9 @@ def markdown(summary: dict, s: Settings) -> str:
         lines.append("")
     set_best = summary.get("set_best", [])
     if set_best:
-        lines += [f"**3. SET on the unaligned organisms ({s.set_steps} steps; best learning rate per method)**", "",
-                  "| organism | method | lr | ASR | jailbreak ASR | over-refusal | task acc. | s/run | peak MiB |",
+        lines += [f"**3. SET on the unaligned organisms ({s.set_steps} steps; per method the setting chosen on the "
+                  "validation prompts, then run on every seed and measured on the test prompts)**", "",
+                  "| organism | method | setting | ASR | jailbreak ASR | over-refusal | task acc. | s/run | peak MiB |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for organism in s.organisms:
             before = next((r for r in agg if r["experiment"] == "set" and r["organism"] == organism
@@ -336,9 +363,22 @@ def markdown(summary: dict, s: Settings) -> str:
                 lines.append(f"| {organism} | before | - | {pct(before, 'asr')} | {pct(before, 'jailbreak_asr')} | "
                              f"{pct(before, 'over_refusal')} | {pct(before, 'task_accuracy')} | - | - |")
             for r in (x for x in set_best if x["organism"] == organism):
-                lines.append(f"| {organism} | {r['method']} | {r['setting'][3:]} | {pct(r, 'asr')} | "
+                lines.append(f"| {organism} | {r['method']} | {r['setting']} | {pct(r, 'asr')} | "
                              f"{pct(r, 'jailbreak_asr')} | {pct(r, 'over_refusal')} | {pct(r, 'task_accuracy')} | "
                              f"{r.get('seconds', 0):.0f} | {r.get('peak_extra_mib', 0):.0f} |")
+        lines.append("")
+    sweep = [r for r in agg if r["experiment"] == "set_validation"]
+    if sweep:
+        lines += [f"**3a. SET sweep on the validation prompts (seed {s.seeds[0]}; qualifies: over-refusal within "
+                  f"{100 * s.set_over_refusal_budget:.0f} points of before; chosen = lowest ASR among those, or the lowest "
+                  "over-refusal when none qualifies)**", "",
+                  "| organism | method | setting | validation ASR | validation over-refusal | chosen |",
+                  "|---|---|---|---|---|---|"]
+        chosen = {(r["organism"], r["method"], r["setting"]) for r in set_best}
+        for r in sweep:
+            mark = "yes" if (r["organism"], r["method"], r["setting"]) in chosen else ""
+            lines.append(f"| {r['organism']} | {r['method']} | {r['setting']} | {pct(r, 'asr')} | "
+                         f"{pct(r, 'over_refusal')} | {mark} |")
         lines.append("")
     spa = [r for r in agg if r["experiment"] == "spa"]
     if spa:
@@ -445,6 +485,7 @@ def main() -> None:
     parser.add_argument("--organism-preset", default="default", choices=["default", "tiny"],
                         help="organism size: default, or tiny (seconds to build; for tests)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--organisms", nargs="+", choices=["dense", "moe"], default=None)
     parser.add_argument("--only", nargs="+", choices=["perturbation", "set", "spa"], default=None)
     parser.add_argument("--n-eval", type=int, default=None, help="held-out prompts per set (default 200; quick 40)")
     parser.add_argument("--set-steps", type=int, default=None, help="SET steps (default 100; quick 30)")
@@ -452,10 +493,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
     parser.add_argument("--from-results", action="store_true",
                         help="re-tabulate --out's results.json (same settings flags) without running anything")
+    parser.add_argument("--combine", type=Path, nargs="+", default=[],
+                        help="with --from-results: results directories of later partial runs (e.g. --only set); "
+                             "their runs replace --out's runs of the same experiment and organism")
     args = parser.parse_args()
     s = Settings.quick() if args.quick else Settings()
     if args.seeds:
         s.seeds = args.seeds
+    if args.organisms:
+        s.organisms = args.organisms
     for name in ("n_eval", "set_steps", "spa_steps"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
@@ -472,19 +518,24 @@ def main() -> None:
     if args.from_results:
         runs = json.loads((args.out / "results.json").read_text())["runs"]
         location = json.loads((args.out / "summary.json").read_text()).get("location", {})
+        for other in args.combine:
+            later = json.loads((other / "results.json").read_text())["runs"]
+            replaced = {(r["experiment"], r["organism"]) for r in later}
+            runs = [r for r in runs if (r["experiment"], r["organism"]) not in replaced] + later
         s.organisms = [k for k in s.organisms if any(r["organism"] == k for r in runs)]
     else:
         work.mkdir(parents=True, exist_ok=True)
         templates = work / "jailbreak_templates.jsonl"
         templates.write_text("".join(json.dumps(t) + "\n" for t in JAILBREAK_TEMPLATES))
         meter = Meter(s.n_eval, templates, with_task=True)
+        val_meter = Meter(s.n_eval, None, with_task=False, source=ORGANISM_VALIDATION)
         for kind in s.organisms:
             if "perturbation" in parts:
                 r, loc = perturbation_and_location(kind, s, meter, args.organism_preset, log)
                 runs += r
                 location[kind] = loc
             if "set" in parts:
-                runs += set_runs(kind, s, meter, args.organism_preset, work, log)
+                runs += set_runs(kind, s, meter, val_meter, args.organism_preset, work, log)
             if "spa" in parts:
                 runs += spa_runs(kind, s, meter, args.organism_preset, work, log)
 
@@ -505,8 +556,7 @@ def main() -> None:
             ratios[organism] = {"esi_rise_points": 100 * rise_esi, "random_rise_points": 100 * rise_random,
                                 "ratio_at_least": rise_esi / max(rise_random, resolution)}
     summary["perturbation_ratio"] = ratios
-    before = {r["organism"]: r for r in agg if r["experiment"] == "set" and r["method"] == "before"}
-    summary["set_best"] = best_set_rows([r for r in agg if r["experiment"] == "set" and r["method"] != "before"], before)
+    summary["set_best"] = set_rows(agg)
     summary["claims"] = claims(summary, s)
     summary["seconds"] = time.perf_counter() - started
     if args.from_results:  # keep the run's own wall time

@@ -23,8 +23,20 @@ def test_reproduce_quick_writes_a_complete_finite_table(tmp_path, tiny_dense_ali
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     experiments = {r["experiment"] for r in summary["aggregate"]}
-    assert experiments == {"perturbation", "set", "spa"}
+    assert experiments == {"perturbation", "set", "set_validation", "spa"}
     assert {r["method"] for r in summary["set_best"]} == {"esi", "random", "bottom", "full"}
+    # SET settings are chosen on the validation prompts: the one reported per method is the sweep's
+    # lowest validation ASR among the settings whose validation over-refusal is within budget.
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    sweep = [r for r in runs if r["experiment"] == "set_validation"]
+    limit = next(r for r in sweep if r["method"] == "before")["over_refusal"] + summary["settings"]["set_over_refusal_budget"]
+    for row in summary["set_best"]:
+        cands = [r for r in sweep if r["method"] == row["method"]]
+        ok = [r for r in cands if r["over_refusal"] <= limit]
+        want = min(ok, key=lambda r: (r["asr"], r["over_refusal"])) if ok else \
+            min(cands, key=lambda r: (r["over_refusal"], r["asr"]))  # none within budget: helpfulness first
+        assert row["setting"] == want["setting"]
+        assert {r["setting"] for r in runs if r["experiment"] == "set" and r["method"] == row["method"]} == {row["setting"]}
     for row in summary["aggregate"]:
         for key, value in row.items():
             if isinstance(value, float):
@@ -32,8 +44,8 @@ def test_reproduce_quick_writes_a_complete_finite_table(tmp_path, tiny_dense_ali
     assert summary["location"]["dense"]["by_component"]
     assert len(summary["claims"]) == 3
     table = (out / "RESULTS.md").read_text()
-    for heading in ("1. Perturbation", "2. Where the ESI top-1% lives", "3. SET", "4. SPA", "Claims"):
+    for heading in ("1. Perturbation", "2. Where the ESI top-1% lives", "3. SET", "3a. SET sweep on the validation",
+                    "4. SPA", "Claims"):
         assert heading in table
     assert "nan" not in table.lower()
-    runs = json.loads((out / "results.json").read_text())["runs"]
     assert all(0.0 <= r["asr"] <= 1.0 for r in runs if r.get("asr") is not None)
