@@ -79,7 +79,7 @@ class Settings:
     set_steps: int = 100
     set_lrs: dict[str, list[float]] = field(default_factory=lambda: {
         "esi": [0.005, 0.01, 0.02], "random": [0.02, 0.04, 0.08], "bottom": [0.02, 0.04, 0.08], "full": [3e-4, 1e-3]})
-    set_benign_ratios: list[float] = field(default_factory=lambda: [0.5, 0.67, 0.75, 0.85])
+    set_benign_ratios: list[float] = field(default_factory=lambda: [0.5, 0.67, 0.75])
     """Share of benign instruction -> answer pairs in SET's training data (swept with the rate)."""
     set_over_refusal_budget: float = 0.05
     """A SET setting qualifies if its validation over-refusal is at most this above before's."""
