@@ -15,9 +15,9 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["HALF_DTYPES", "check_float32_master", "float32_master_problem"]
+from lit_safety.esi.scoring import HALF_DTYPES
 
-HALF_DTYPES = (torch.bfloat16, torch.float16)
+__all__ = ["HALF_DTYPES", "check_float32_master", "float32_master_problem"]
 
 
 def float32_master_problem(named_params: Iterable[tuple[str, torch.Tensor]], *, what: str) -> str | None:
