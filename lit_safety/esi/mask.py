@@ -79,7 +79,7 @@ class SafetyMask:
                     f"mask parameter {name!r} is not in the model{f' (closest: {hint!r})' if hint else ''}; "
                     f"the mask was made for {self.metadata.get('model', 'another model')!r}"
                 )
-            actual = tuple(_full_shape(named[name]))
+            actual = tuple(named[name].shape)  # a DTensor's shape is the global one
             if actual != tuple(shape):
                 raise MaskMismatchError(f"mask parameter {name!r} has shape {tuple(shape)} but the model's is {actual}")
 
@@ -136,11 +136,6 @@ def _numel(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
-
-
-def _full_shape(tensor: torch.Tensor) -> torch.Size:
-    """The global shape, also for DTensor shards."""
-    return tensor.shape
 
 
 def _closest(name: str, names) -> str | None:

@@ -22,7 +22,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from lit_safety.data.files import PROMPT_FIELDS, DataError, pick_field, read_records
 from lit_safety.parallel import pad_shard_indices
@@ -256,6 +255,3 @@ def shard_records(records: Sequence[EvalRecord], rank: int, world_size: int) -> 
     return [replace(records[i], padding=True) if padding else records[i]
             for i, padding in pad_shard_indices(len(records), rank, world_size)]
 
-
-def records_to_jsonable(records: Sequence[EvalRecord]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in record.__dict__.items() if v not in (None, ())} for record in records]

@@ -113,13 +113,6 @@ class FrozenEntries:
         return hook
 
     @torch.no_grad()
-    def zero_frozen_grads(self) -> None:
-        """Zero the frozen entries of every present gradient (the hooks already do this)."""
-        for e in self.entries:
-            if e.param.grad is not None:
-                local_tensor(e.param.grad).view(-1).index_fill_(0, e.indices, 0)
-
-    @torch.no_grad()
     def restore(self) -> None:
         """Write the stored values back (exact copy, so bit-identical to the original)."""
         for e in self.entries:

@@ -297,10 +297,3 @@ class SparseAdamW(torch.optim.Optimizer):
         with torch.no_grad():
             self._update(p, self.param_groups[self._group_index[id(p)]])
         p.grad = None
-
-    def remove_hooks(self) -> None:
-        """Leave step-in-backward mode (``step()`` then applies the gradients as usual)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        self.step_in_backward = False
