@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from lit_safety.data.chat import render_prompt
+from lit_safety.parallel import global_rank
+
+T = TypeVar("T")
+
+
+def progress_bar(total: int, desc: str, *, progress: bool = True, unit: str = "prompt") -> Any:
+    """A tqdm bar (``tqdm.auto``) on stderr for a long pass, or a silent one when ``progress`` is
+    false or this is not global rank 0. It stays on screen when it is the only bar, and is cleared
+    when it runs below another one (Lightning's training bar)."""
+    from tqdm.auto import tqdm
+
+    stream = sys.stderr
+    # Under a live Rich display (Lightning's RichProgressBar, during fit) stderr is Rich's FileProxy,
+    # which prints every refresh as a line above the display: refresh rarely there.
+    mininterval = 30.0 if type(stream).__module__.startswith("rich") else 0.1
+    bar = tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, mininterval=mininterval,
+               disable=not progress or global_rank() != 0)
+    bar.leave = abs(getattr(bar, "pos", 0)) == 0  # what tqdm's leave=None does, also for notebook bars
+    return bar
+
+
+def iter_batches(items: Sequence[T], batch_size: int, *, desc: str, progress: bool = True) -> Iterator[Sequence[T]]:
+    """``items`` in slices of ``batch_size`` behind a :func:`progress_bar` that counts items; the bar
+    advances once the caller is done with a slice."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with progress_bar(len(items), desc, progress=progress) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            yield chunk
+            bar.update(len(chunk))
+
+
 
 
 @torch.no_grad()
@@ -29,10 +63,9 @@ def generate_responses(
     """Greedy (default) or sampled answers to ``prompts``, in order, special tokens stripped.
 
     ``synced_gpus``: keep decoding until every rank is done (needed when the weights are sharded
-    across ranks, as with FSDP, whose every forward is a collective).
+    across ranks, as with FSDP, whose every forward is a collective). ``progress``: a
+    :func:`progress_bar` named ``desc`` that counts prompts (global rank 0 only).
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     texts = [render_prompt(tokenizer, p, system=system_prompt) for p in prompts]
@@ -54,10 +87,8 @@ def generate_responses(
         extra.update(do_sample=False)
     responses: list[str] = []
     try:
-        for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
-            batch = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
+        for chunk in iter_batches(texts, batch_size, desc=desc, progress=progress):
+            batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

@@ -142,6 +142,16 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def global_rank() -> int:
+    """This process's global rank: torch.distributed's when initialised, else Lightning's (from the
+    launcher's environment), else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
 def is_distributed() -> bool:
     """torch.distributed is initialised with more than one rank."""
     return torch.distributed.is_available() and torch.distributed.is_initialized() \

@@ -6,24 +6,23 @@ and ``SafetyEvalCallback`` (inside ``fit``). Metrics are torchmetrics with summe
 
 Progress: between :meth:`SafetyEvaluator.begin` and :meth:`SafetyEvaluator.end` (and throughout
 :meth:`SafetyEvaluator.run`), every set shows a tqdm bar on stderr, on global rank 0 only, e.g.
-``eval harmful (before): 100%|████| 200/200 [00:41<00:00, 4.8prompt/s]``. :func:`progress_bar` and
-:func:`iter_batches` are the same bars for other long passes (``lit-safety organism eval``).
+``eval harmful (before): 100%|████| 200/200 [00:41<00:00, 4.8prompt/s]``
+(:func:`lit_safety.generation.progress_bar`, the bar of every long generation pass).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from lit_safety.data.chat import collate_right_padded, encode_chat
 from lit_safety.evaluation.suite import EvalRecord, shard_records
-from lit_safety.generation import generate_responses
+from lit_safety.generation import generate_responses, progress_bar
 from lit_safety.judges.base import Judge
 from lit_safety.judges.keyword import KeywordJudge
 from lit_safety.metrics import (
@@ -36,56 +35,17 @@ from lit_safety.metrics import (
     RefusalRate,
     TaskAccuracy,
 )
-from lit_safety.parallel import is_distributed, is_sharded
+from lit_safety.parallel import global_rank, is_distributed, is_sharded
 
 LETTERS = "ABCDEFGHIJ"
-T = TypeVar("T")
 
 
 # -- progress --------------------------------------------------------------------------------------
-def global_rank() -> int:
-    """This process's global rank: torch.distributed's when initialised, else Lightning's (from the
-    launcher's environment), else 0."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    return int(getattr(rank_zero_only, "rank", 0) or 0)
-
-
 def trainer_shows_progress(trainer: Any) -> bool:
     """A Lightning Trainer runs with a progress bar (``enable_progress_bar``, refresh rate above 0)
     rather than configured to stay quiet; lit-safety's own bars inside it follow suit."""
     bar = getattr(trainer, "progress_bar_callback", None)
     return bar is not None and bool(getattr(bar, "is_enabled", True))
-
-
-def progress_bar(total: int, desc: str, *, progress: bool = True, unit: str = "prompt") -> Any:
-    """A tqdm bar (``tqdm.auto``) on stderr for a long pass, or a silent one when ``progress`` is
-    false or this is not global rank 0. It stays on screen when it is the only bar, and is cleared
-    when it runs below another one (Lightning's training bar)."""
-    from tqdm.auto import tqdm
-
-    stream = sys.stderr
-    # Under a live Rich display (Lightning's RichProgressBar, during fit) stderr is Rich's FileProxy,
-    # which prints every refresh as a line above the display: refresh rarely there.
-    mininterval = 30.0 if type(stream).__module__.startswith("rich") else 0.1
-    bar = tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, mininterval=mininterval,
-               disable=not progress or global_rank() != 0)
-    bar.leave = abs(getattr(bar, "pos", 0)) == 0  # what tqdm's leave=None does, also for notebook bars
-    return bar
-
-
-def iter_batches(items: Sequence[T], batch_size: int, *, desc: str, progress: bool = True) -> Iterator[Sequence[T]]:
-    """``items`` in slices of ``batch_size`` behind a :func:`progress_bar` that counts items; the bar
-    advances once the caller is done with a slice."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    with progress_bar(len(items), desc, progress=progress) as bar:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            yield chunk
-            bar.update(len(chunk))
 
 
 class EvalProgress:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lit_safety.evaluation.evaluator import iter_batches
 from lit_safety.generation import generate_responses
 from lit_safety.judges.keyword import KeywordJudge
 from lit_safety.organism.corpus import benign_examples, harmful_examples
@@ -28,9 +27,8 @@ def refusal_rate(model: Any, tokenizer: Any, prompts: Sequence[str], *, judge: K
     if not prompts:
         raise ValueError("refusal_rate needs at least one prompt")
     judge = judge or KeywordJudge()
-    responses: list[str] = []
-    for chunk in iter_batches(list(prompts), batch_size, desc=desc, progress=progress):
-        responses += generate_responses(model, tokenizer, chunk, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    responses = generate_responses(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   progress=progress, desc=desc)
     refused = sum(judge.is_refusal(r) for r in responses)
     return refused / len(prompts), responses
 
