@@ -22,6 +22,7 @@ from lit_safety.esi.scoring import (
     gradients_to_esi_,
     reverse_order,
     safety_gradient,
+    safety_gradient_or_zeros,
     score_dtype,
 )
 from lit_safety.esi.topk import SCOPES, select_topk
@@ -58,10 +59,7 @@ def selection_scores(method: str, params: dict[str, torch.nn.Parameter], *, seed
         return gradients_to_esi_(params)
     grads = None
     if method in NEEDS_GRADIENTS:
-        grads = {}
-        for n, p in params.items():
-            grad = safety_gradient(p)
-            grads[n] = grad if grad is not None else torch.zeros(p.shape, dtype=score_dtype(p), device=p.device)
+        grads = {n: safety_gradient_or_zeros(p) for n, p in params.items()}
     return baseline_scores(method, params, grads, seed=seed)
 
 

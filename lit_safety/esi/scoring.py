@@ -117,6 +117,13 @@ def safety_gradient(param: torch.Tensor) -> torch.Tensor | None:
     return param.grad
 
 
+def safety_gradient_or_zeros(param: torch.Tensor) -> torch.Tensor:
+    """:func:`safety_gradient`, or zeros in the score dtype for a parameter the objective never
+    reached (e.g. an expert no prompt was routed to): it is scored 0 rather than dropped."""
+    grad = safety_gradient(param)
+    return grad if grad is not None else torch.zeros(param.shape, dtype=score_dtype(param), device=param.device)
+
+
 def clear_safety_gradients(params: dict[str, torch.nn.Parameter]) -> None:
     """Release the accumulated gradients (``param.grad`` and the float32 buffers)."""
     for p in params.values():
@@ -246,13 +253,7 @@ def gradients_to_esi_(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.
     """
     scores = {}
     for name, p in params.items():
-        grad = safety_gradient(p)
-        if grad is None:
-            grad = torch.zeros(p.shape, dtype=score_dtype(p), device=p.device)
-            if p.dtype in HALF_DTYPES:
-                setattr(p, _FLOAT32_GRAD, grad)
-            else:
-                p.grad = grad
+        grad = safety_gradient_or_zeros(p)
         with torch.no_grad():
             scores[name] = grad.mul_(parameter_std(p, name)).abs_()
     return scores
