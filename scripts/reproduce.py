@@ -117,12 +117,9 @@ class Meter:
         self.judge = KeywordJudge(prefixes="extended")
 
     def __call__(self, model: Any, tokenizer: Any, kinds: tuple[str, ...] = ("harmful", "jailbreak", "benign", "task")):
-        evaluator = SafetyEvaluator.for_suite(self.suite, self.judge,
+        evaluator = SafetyEvaluator.for_suite(self.suite, self.judge, progress=False,
                                               generation=GenerationConfig(max_new_tokens=48, batch_size=64))
-        for kind, records in self.suite:
-            if kind in kinds:
-                for start in range(0, len(records), 64):
-                    evaluator.update(model, tokenizer, records[start:start + 64])
+        evaluator.run(model, tokenizer, [(kind, records) for kind, records in self.suite if kind in kinds])
         m = evaluator.compute()
         return {"asr": m.get("harmful_asr"), "jailbreak_asr": m.get("jailbreak_asr"),
                 "refusal_rate": m.get("harmful_refusal_rate"), "over_refusal": m.get("benign_over_refusal_rate"),
