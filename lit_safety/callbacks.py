@@ -3,6 +3,8 @@
     from lit_safety import SafetyPreservingCallback
     trainer = L.Trainer(callbacks=[SafetyPreservingCallback(mask="outputs/esi/mask.safetensors")])
     trainer.fit(my_module)   # any LightningModule; the masked weights stay bit-identical
+
+``SafetyEvalCallback`` evaluates safety and utility (``SafetyEvaluator``) before, during and after fit.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_safety.esi.mask import MaskMismatchError, SafetyMask
+from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator, trainer_shows_progress
+from lit_safety.evaluation.report import (build_report, format_table, logged_metrics, stage_entry, write_report,
+                                          write_samples)
+from lit_safety.evaluation.suite import EvalSuite, SuiteConfig
+from lit_safety.io import as_config, write_json
 from lit_safety.judges.base import Judge
 from lit_safety.judges.keyword import KeywordJudge
+from lit_safety.models.loading import load_tokenizer
+from lit_safety.optim import FrozenEntries
 from lit_safety.optim.precision import float32_master_problem
 
 
@@ -58,8 +67,6 @@ class SafetyPreservingCallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs after configure_model and configure_optimizers, so parameters and optimizers exist.
-        from lit_safety.optim import FrozenEntries
-
         target = find_masked_module(pl_module, self.mask)
         self.mask.check_model(target)
         # The module's own optimizer may keep float32 masters (we cannot see it): warn, don't refuse.
@@ -82,18 +89,20 @@ class SafetyPreservingCallback(L.Callback):
 class SafetyEvalCallback(L.Callback):
     """Evaluate safety and utility before training, every N steps, and after training.
 
-    Logs ``eval/<metric>`` to the Lightning logger (at step 0, N, ..., final) and writes
+    Each evaluation is :meth:`SafetyEvaluator.run` on this rank's shard of the suite (the same
+    evaluator, metrics and report, :func:`build_report`, as ``lit-safety test``). Logs
+    ``eval/<metric>`` to the Lightning logger (at step 0, N, ..., final) and writes
     ``eval_report.json`` (all stages), ``samples_<stage>.jsonl`` and before/after PNG plots to
     ``output_dir``. While training runs, finished stages go to ``eval_report.inprogress.json``;
     ``eval_report.json`` is only replaced once the last stage is done, so an interrupted run never
     overwrites an earlier complete report.
 
-        trainer = L.Trainer(callbacks=[SafetyEvalCallback(every_n_steps=50)])
+        trainer = L.Trainer(callbacks=[SafetyEvalCallback(SuiteConfig(harmful_data="advbench.csv"), every_n_steps=50)])
 
     Args:
-        data: options of the evaluation sets (the arguments of ``SafetyEvalDataModule`` except
-            batch_size), e.g. ``{"harmful_data": "advbench.csv", "num_harmful": 100}``. Default:
-            the organisms' held-out harmful, benign and task prompts, 200 each.
+        data: which prompts (the suite options of ``lit-safety test``; in YAML a mapping such as
+            ``{harmful_data: advbench.csv, num_harmful: 100}``). Default: the organisms' held-out
+            harmful, benign and task prompts, 200 each.
         judge: jailbreak judge (default: GCG refusal keywords).
         refusal_judge: keyword judge for refusal / over-refusal rates.
         before: evaluate before the first training step.
@@ -114,21 +123,17 @@ class SafetyEvalCallback(L.Callback):
             with ``enable_progress_bar=False``. False: silent.
     """
 
-    def __init__(self, data: dict[str, Any] | None = None, judge: Judge | None = None,
+    def __init__(self, data: SuiteConfig | None = None, judge: Judge | None = None,
                  refusal_judge: KeywordJudge | None = None,
                  before: bool = True, after: bool = True, every_n_steps: int = 0, max_new_tokens: int = 64,
                  batch_size: int = 32, system_prompt: str | None = None, output_dir: str | None = None,
                  tokenizer: str | None = None, model_attr: str = "model", save_samples: bool = True,
                  plots: bool = True, progress: bool = True) -> None:
-        from lit_safety.evaluation.evaluator import GenerationConfig
-
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         if not (before or after or every_n_steps):
             raise ValueError("SafetyEvalCallback has nothing to do: set before, after or every_n_steps")
-        self.data = dict(data or {})
-        if "batch_size" in self.data:
-            raise ValueError("SafetyEvalCallback: set batch_size as the callback's own argument, not in data")
+        self.data = as_config(SuiteConfig, data, "SafetyEvalCallback data")
         self.judge = judge
         self.refusal_judge = refusal_judge
         self.before, self.after, self.every_n_steps = before, after, every_n_steps
@@ -140,8 +145,9 @@ class SafetyEvalCallback(L.Callback):
         self.save_samples, self.plots = save_samples, plots
         self.progress = progress
         self.stages: list[dict[str, Any]] = []
-        self.suite = None
-        self.evaluator = None
+        self.suite: EvalSuite | None = None
+        self.evaluator: SafetyEvaluator | None = None
+        self.model_name: str | None = None
         self._tokenizer = None
         self._last_step = -1
 
@@ -149,14 +155,12 @@ class SafetyEvalCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.evaluator is not None:
             return
-        from lit_safety.evaluation.evaluator import SafetyEvaluator
-        from lit_safety.evaluation.suite import load_suite
-
-        self.suite = load_suite(**self.data)  # bad data fails here, before training
+        self.suite = self.data.load()  # bad data fails here, before training
         judge = self.judge or KeywordJudge()
         judge.setup()
         self.evaluator = SafetyEvaluator.for_suite(self.suite, judge, self.refusal_judge, generation=self.generation,
                                                    progress=self.progress)
+        self.model_name = getattr(pl_module, "model_name", None)
         if self.output_dir is None:
             module_dir = getattr(getattr(pl_module, "hparams", {}), "get", lambda _: None)("output_dir")
             self.output_dir = os.path.join(module_dir or trainer.default_root_dir, "eval")
@@ -168,8 +172,6 @@ class SafetyEvalCallback(L.Callback):
                                  "causal LM (set model_attr)")
         if self._tokenizer is None:
             if self.tokenizer_name is not None:
-                from lit_safety.models.loading import load_tokenizer
-
                 self._tokenizer = load_tokenizer(self.tokenizer_name)
             elif getattr(pl_module, "tokenizer", None) is not None:
                 self._tokenizer = pl_module.tokenizer
@@ -197,9 +199,7 @@ class SafetyEvalCallback(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, Any]:
         """Run the whole suite on this rank's shard (a progress bar per set); metrics are synced,
-        samples gathered."""
-        from lit_safety.evaluation.evaluator import trainer_shows_progress
-
+        samples gathered. Returns the stage's report entry."""
         model, tokenizer = self._model_and_tokenizer(pl_module)
         self.evaluator.reset()
         self.evaluator.to(pl_module.device)  # metric states where the collectives run (NCCL needs CUDA)
@@ -208,36 +208,23 @@ class SafetyEvalCallback(L.Callback):
         self.evaluator.run(model, tokenizer, self.suite, stage=stage, rank=trainer.global_rank,
                            world_size=trainer.world_size)
         metrics = self.evaluator.compute()
-        samples = self.evaluator.gather_samples() if self.save_samples else None
+        samples = self.evaluator.gather_samples() if self.save_samples else None  # a collective: every rank
         self._last_step = trainer.global_step
-        entry = {"stage": stage, "step": trainer.global_step, "seconds": round(time.perf_counter() - started, 2),
-                 "metrics": metrics}
+        entry = stage_entry(stage, trainer.global_step, metrics, time.perf_counter() - started)
         self.stages.append(entry)
-        if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
-                                       step=trainer.global_step)
-        if samples is not None and trainer.is_global_zero:
-            from lit_safety.evaluation.report import write_samples
-
-            write_samples(os.path.join(self.output_dir, f"samples_{stage}.jsonl"), samples)
+        if trainer.is_global_zero:
+            if trainer.logger is not None:
+                trainer.logger.log_metrics(logged_metrics(metrics), step=trainer.global_step)
+            if samples is not None:
+                write_samples(os.path.join(self.output_dir, f"samples_{stage}.jsonl"), samples)
         self._write(trainer, final=False)
         return entry
 
     def _write(self, trainer: L.Trainer, final: bool) -> None:
         if not trainer.is_global_zero or not self.stages:
             return
-        from lightning.pytorch.utilities import rank_zero_info
-
-        from lit_safety.evaluation.report import format_table, write_report
-        from lit_safety.io import write_json
-
-        report = {
-            "judge": self.evaluator.judge.describe(),
-            "refusal_judge": self.evaluator.refusal_judge.describe(),
-            "generation": vars(self.generation),
-            "counts": self.suite.counts(),
-            "stages": self.stages,
-        }
+        report = build_report(self.evaluator, self.suite.counts(), self.stages, model=self.model_name,
+                              world_size=trainer.world_size)
         out = Path(self.output_dir)
         partial = out / "eval_report.inprogress.json"
         if not final:

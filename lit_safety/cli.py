@@ -10,8 +10,22 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from dataclasses import fields
+from typing import Any
 
+import jsonargparse
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+
+from lit_safety.esi.selection import METHODS, SelectionConfig
+from lit_safety.evaluation.suite import SuiteConfig
+from lit_safety.organism.cli import organism_main
+
+# Dataclass fields documented by a string right below them (SelectionConfig, SuiteConfig) get
+# that string as their --help text, as in litgpt.
+jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 DESCRIPTION = (
     "lit-safety: find the safety-critical weights of a causal LM (ESI) and intervene on them "
@@ -34,18 +48,83 @@ class LitSafetyCLI(LightningCLI):
         # The data module tokenizes with the model's own tokenizer, and pairs each prompt with the
         # target the model's objective needs (refusal / compliance / none for judge).
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer", apply_on="parse")
-        parser.link_arguments("model.init_args.objective", "data.init_args.objective", apply_on="parse")
+        parser.link_arguments("model.init_args.selection.objective", "data.init_args.objective", apply_on="parse")
+
+
+RENAMED: dict[str, dict[str, str]] = {
+    "ESIScoringModule": {f.name: f"selection.{f.name}" for f in fields(SelectionConfig)},
+    "SafetyInterventionModule": {
+        "method": "intervention (set | spa | full; the old 'random' is intervention: set with selection.method: random)",
+        **{key: f"selection.{key}" for key in ("ratio", "scope", "objective", "include_lm_head", "all_parameters",
+                                               "seed")}},
+    "SafetyEvalDataModule": {f.name: f"suite.{f.name}" for f in fields(SuiteConfig)},
+}
+"""Init arguments of earlier versions: class name -> {old key: where it went}."""
+
+
+def check_renamed_keys(argv: Sequence[str]) -> None:
+    """Stop with a message that names the new key when a config file or a ``--model.*`` argument
+    uses an init argument of an earlier version (before jsonargparse's generic "unknown key")."""
+    problems = []
+    for section, class_name, key, value, where in scan_init_args(argv)[1]:
+        renamed = RENAMED.get(class_name, {})
+        if key in renamed and where.startswith("--"):
+            problems.append(f"--{section}.{key} is now --{section}.{renamed[key]}")
+        elif key in renamed:
+            problems.append(f"{section}.init_args.{key} (in {where}) is now {section}.init_args.{renamed[key]}")
+        elif key == "selection" and value in METHODS and class_name in RENAMED:  # the old `selection: esi`
+            problems.append(f"{section}.init_args.selection: {value} (in {where}) is now a group of options: "
+                            f"{section}.init_args.selection.method: {value}")
+    if problems:
+        raise SystemExit("lit-safety: renamed option(s):\n  " + "\n  ".join(problems) +
+                         "\n(see lit-safety fit --config <config> --help)")
+
+
+def scan_init_args(argv: Sequence[str]) -> tuple[dict[str, str], list[tuple[str, str, str, Any, str]]]:
+    """What the config files and ``--model``/``--data`` arguments in ``argv`` choose, in order:
+    the class path per section (the last one wins), and (section, class name, init-arg key,
+    value, where) for every init argument they set."""
+    classes: dict[str, str] = {}
+    entries = []
+    for i, arg in enumerate(argv):
+        name, _, inline = arg.partition("=")
+        value = inline if inline else (argv[i + 1] if i + 1 < len(argv) else None)
+        if name == "--config" and value and Path(value).is_file():
+            config = yaml.safe_load(Path(value).read_text()) or {}
+            for section in ("model", "data"):
+                spec = config.get(section)
+                if isinstance(spec, dict) and spec.get("class_path"):
+                    classes[section] = str(spec["class_path"])
+                    init = spec.get("init_args") or {k: v for k, v in spec.items() if k != "class_path"}
+                    entries += [(section, classes[section].rsplit(".", 1)[-1], key, v, value) for key, v in init.items()]
+        for section in ("model", "data"):
+            if name in (f"--{section}", f"--{section}.class_path") and value and not value.endswith((".yaml", ".yml")):
+                classes[section] = value
+            elif name.startswith(f"--{section}.") and section in classes and not name.endswith(".help"):
+                key = name[len(f"--{section}."):].removeprefix("init_args.")  # nested: "selection.ratio"
+                entries.append((section, classes[section].rsplit(".", 1)[-1], key, value, arg))
+    return classes, entries
 
 
 def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "organism":
-        from lit_safety.organism.cli import organism_main
-
         organism_main(argv[1:])
         return
-    from lightning.pytorch import LightningDataModule, LightningModule
-
+    check_renamed_keys(argv)
+    model_class = scan_init_args(argv)[0].get("model")
+    if model_class and ("--help" in argv or "-h" in argv) and not any(a.startswith("--model.help") for a in argv):
+        # LightningCLI's --help lists the model only as --model CLASS; with a config that names
+        # the class, add that class's own options (grouped, e.g. --model.selection.*) below it.
+        try:
+            LitSafetyCLI(LightningModule, LightningDataModule, args=argv)
+        except SystemExit as done:
+            if done.code not in (0, None):
+                raise
+        print(f"\n{model_class.rsplit('.', 1)[-1]} options (the config's model; also: --model.help CLASS):\n", flush=True)
+        rest = [a for a in argv if a not in ("--help", "-h")]
+        LitSafetyCLI(LightningModule, LightningDataModule, args=[*rest, "--model.help", model_class])
+        return
     LitSafetyCLI(LightningModule, LightningDataModule, args=None if args is None else argv)
 
 

@@ -1,4 +1,4 @@
-"""Atomic artifact writing: a crash never leaves a half-written file or directory behind."""
+"""Atomic artifact writing: a crash never leaves a half-written file, figure or directory behind."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,35 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_file(path) as handle:
         json.dump(obj, handle, indent=2, sort_keys=False, default=str)
         handle.write("\n")
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """Write a matplotlib figure to ``path`` as PNG (atomically) and close it, even on failure."""
+    # matplotlib is an optional, heavy dependency: imported only when a figure is saved.
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_file(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def as_config(cls: type, value: Any, what: str) -> Any:
+    """A ``cls`` dataclass from an instance, a dict of its fields (hparams of a checkpoint, a Python
+    caller) or None (the defaults); anything else is a TypeError naming ``what``."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**value)
+    raise TypeError(f"{what} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as a plain dict (for hparams, JSON and checkpoints loadable with weights_only)."""
+    if not is_dataclass(config):
+        raise TypeError(f"expected a dataclass, got {type(config).__name__}")
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}

@@ -29,7 +29,7 @@ def _as_counts(flags: torch.Tensor | Sequence[bool]) -> torch.Tensor:
 
 
 class _RateMetric(Metric):
-    """Fraction of ``True`` flags over all updates on all ranks."""
+    """Fraction of ``True`` flags over all updates on all ranks (``hits / total``)."""
 
     full_state_update = False
     higher_is_better: bool | None = None
@@ -41,8 +41,11 @@ class _RateMetric(Metric):
 
     def update(self, flags: torch.Tensor | Sequence[bool]) -> None:
         flags = _as_counts(flags)
-        self.hits += flags.sum().to(self.hits)
-        self.total += flags.numel()
+        self._count(flags.sum(), flags.numel())
+
+    def _count(self, hits: torch.Tensor | int, total: int) -> None:
+        self.hits += torch.as_tensor(hits).to(self.hits)
+        self.total += total
 
     def compute(self) -> torch.Tensor:
         if self.total == 0:
@@ -149,17 +152,14 @@ def extract_final_answer(text: str, *, strict: bool = True) -> str | None:
     return _normalise_number(numbers[-1]) if numbers else None
 
 
-class TaskAccuracy(Metric):
+class TaskAccuracy(_RateMetric):
     """Exact match of the final "#### N" answer (GSM8K), against the reference's final answer."""
 
-    full_state_update = False
     higher_is_better = True
 
     def __init__(self, strict: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self.strict = strict
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     @staticmethod
     def reference_answer(reference: str) -> str:
@@ -174,25 +174,13 @@ class TaskAccuracy(Metric):
 
     def update(self, responses: Sequence[str], references: Sequence[str]) -> None:
         hits = self.matches(responses, references)
-        self.correct += sum(hits)
-        self.total += len(hits)
-
-    def compute(self) -> torch.Tensor:
-        if self.total == 0:
-            return torch.tensor(math.nan)
-        return self.correct.double() / self.total
+        self._count(sum(hits), len(hits))
 
 
-class MultipleChoiceAccuracy(Metric):
+class MultipleChoiceAccuracy(_RateMetric):
     """Accuracy of picking the choice with the highest log-likelihood (MMLU-style)."""
 
-    full_state_update = False
     higher_is_better = True
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, log_likelihoods: torch.Tensor, answers: torch.Tensor | Sequence[int]) -> None:
         """``log_likelihoods``: ``[batch, n_choices]``; ``answers``: index of the right choice."""
@@ -200,13 +188,7 @@ class MultipleChoiceAccuracy(Metric):
         if log_likelihoods.ndim != 2 or log_likelihoods.shape[0] != answers.numel():
             raise ValueError(f"log_likelihoods must be [batch, choices] matching {answers.numel()} answers, "
                              f"got {tuple(log_likelihoods.shape)}")
-        self.correct += (log_likelihoods.argmax(dim=1) == answers).sum().to(self.correct)
-        self.total += answers.numel()
-
-    def compute(self) -> torch.Tensor:
-        if self.total == 0:
-            return torch.tensor(math.nan)
-        return self.correct.double() / self.total
+        self._count((log_likelihoods.argmax(dim=1) == answers).sum(), answers.numel())
 
 
 class Perplexity(Metric):

@@ -6,14 +6,14 @@ float32 parameters). Batches: ``--batches`` x ``--batch-size`` random token sequ
 ``--seq`` tokens whose second half is the "response" (labels set there), i.e. the layout of the
 refusal objective's batches.
 
-Per size, two modes, each in a FRESH subprocess (memory probes in ``memory_probe.py``):
+Per size, two modes, each in a FRESH subprocess (memory probes in ``lit_safety.benchmarking``):
 
   bare  the floor any gradient-based score pays: for each batch, forward, the same per-example
         response log-likelihood, ``sum().backward()`` into the same scored weights (every decoder
         weight matrix; embeddings, norms and LM head frozen as ESI does by default).
-  esi   ``compute_safety_mask``'s pipeline: ``accumulate_safety_gradients`` (the same passes, then
-        the mean), ESI = |sigma(W) * grad| in place and the exact top-1% selection into a
-        SafetyMask (radix select), gradients released.
+  esi   the selection pipeline (``WeightSelector``, what ``compute_safety_mask`` runs): the same
+        passes accumulated, then in ``select()`` the mean, ESI = |sigma(W) * grad| in place and the
+        exact top-1% selection into a SafetyMask (radix select), gradients released.
 
 Reported: gradient-pass throughput ratio esi/bare (target >= 0.9x) and the end-to-end ratio
 including selection; peak RSS over the baseline (model loaded, batches built) and the total peak
@@ -36,9 +36,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_probe import MALLOC_ENV, malloc_trim, peak_bytes, reset_peak, rss_bytes  # noqa: E402
+from lit_safety.benchmarking import MALLOC_ENV, malloc_trim, peak_bytes, reset_peak, rss_bytes
+from lit_safety.esi.objectives import response_log_likelihood
+from lit_safety.esi.scoring import ParameterFilter
+from lit_safety.esi.selection import SelectionConfig, WeightSelector, select_weights
+
+ESI_TOP_1 = SelectionConfig(method="esi", ratio=0.01, objective="refusal")
 
 SIZES = {  # hidden, layers, intermediate, heads, vocab
     "tiny": (64, 2, 172, 4, 1000),
@@ -71,15 +74,10 @@ def make_batches(vocab: int, n: int, batch_size: int, seq: int, seed: int = 0) -
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from lit_safety.esi.api import select_mask
-    from lit_safety.esi.objectives import RefusalObjective, response_log_likelihood
-    from lit_safety.esi.scoring import ParameterFilter, accumulate_safety_gradients
-
     torch.set_num_threads(args.threads)
     # Warm up code paths and thread pools on a tiny model so they are not billed to the mode.
     warm = build_model("tiny")
-    accumulate_safety_gradients(warm, make_batches(1000, 1, 2, 16), RefusalObjective(),
-                                ParameterFilter().select(warm), num_examples=2)
+    select_weights(warm, make_batches(1000, 1, 2, 16), ESI_TOP_1)
     del warm
     model = build_model(args.size)
     model.eval()
@@ -99,11 +97,13 @@ def worker(args: argparse.Namespace) -> dict:
             response_log_likelihood(model, batch).sum().backward()
         grad_seconds = time.perf_counter() - start
     else:
-        accumulate_safety_gradients(model, batches, RefusalObjective(), params, num_examples=n_examples)
-        grad_seconds = time.perf_counter() - start
-        t = time.perf_counter()
-        mask = select_mask(params, method="esi", ratio=0.01, k=None, scope="global")
-        selection_seconds = time.perf_counter() - t
+        with WeightSelector(model, ESI_TOP_1) as selector:
+            for batch in batches:
+                selector.accumulate(batch)
+            grad_seconds = time.perf_counter() - start
+            t = time.perf_counter()
+            mask = selector.select()  # scores + exact top-k
+            selection_seconds = time.perf_counter() - t
         assert mask.k == round(0.01 * mask.n)
     peak = peak_bytes(reset_ok)
     n_params = sum(p.numel() for p in model.parameters())

@@ -21,8 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+
+from lit_safety.benchmarking import MALLOC_ENV, peak_bytes, reset_peak, rss_bytes
+from lit_safety.organism.training import new_model, training_autocast
+from lit_safety.organism.specs import PRESETS
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -44,12 +47,6 @@ def cpu_flags() -> dict[str, object]:
 
 def measure(precision: str, arch: str, steps: int) -> dict[str, float]:
     """Seconds per training step (after 2 warm-up steps) and peak RSS, in this process."""
-    import torch
-
-    from lit_safety.organism.build import training_autocast
-    from lit_safety.organism.specs import PRESETS
-    from memory_probe import peak_bytes, reset_peak, rss_bytes
-
     torch.set_num_threads(min(2, torch.get_num_threads()))
     spec = PRESETS["default"][arch].replace(precision=precision)
 
@@ -58,8 +55,6 @@ def measure(precision: str, arch: str, steps: int) -> dict[str, float]:
 
         def __len__(self) -> int:
             return spec.vocab_size
-
-    from lit_safety.organism.build import new_model
 
     torch.manual_seed(0)
     model = new_model(spec, Vocab()).train()
@@ -92,8 +87,6 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child, args.arch, args.steps)))
         return
-    from memory_probe import MALLOC_ENV
-
     results = {}
     for precision in ("float32", "bf16-mixed"):
         out = subprocess.run([sys.executable, __file__, "--child", precision, "--arch", args.arch,

@@ -18,9 +18,9 @@ Methods (one training step = zero_grad, forward, backward, optimizer step):
                 the cheapest form of this baseline.
   full          plain full fine-tuning: dense torch AdamW over all parameters.
 
-Memory: every method runs in a FRESH subprocess (with MALLOC_MMAP_THRESHOLD_=1 MiB, so freed
-tensors go back to the OS and RSS follows live memory). Baseline = RSS right after the model,
-the sparse mask and the batch were created and ``malloc_trim(0)`` ran (a tiny warm-up model ran
+Memory: every method runs in a FRESH subprocess (``lit_safety.benchmarking.run_workers``, with
+MALLOC_MMAP_THRESHOLD_=1 MiB, so freed tensors go back to the OS and RSS follows live memory).
+Baseline = RSS right after the model, the sparse mask and the batch were created and ``malloc_trim(0)`` ran (a tiny warm-up model ran
 once before, so code pages and thread pools are not billed to the method). "extra" = peak - baseline, where peak is
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end (lifetime peak; the model creation
 peak is below the training peak) and, as a cross-check, VmHWM after resetting it via
@@ -39,20 +39,22 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lit_safety.esi.mask import SafetyMask  # noqa: E402
-from lit_safety.optim import SparseAdamW, prepare_model  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_probe import MALLOC_ENV, malloc_trim, reset_peak, status_kb  # noqa: E402
+from lit_safety.benchmarking import (
+    MALLOC_ENV,
+    malloc_trim,
+    methods_or_work,
+    reset_peak,
+    run_config,
+    run_workers,
+    status_kb,
+)
+from lit_safety.esi.mask import SafetyMask
+from lit_safety.optim import SparseAdamW, prepare_model
 
 METHODS = ("set", "set_backward", "masked_dense", "full")
 SMALL = dict(hidden=256, layers=4, intermediate=688, heads=4, vocab=8000, seq=64)
@@ -257,25 +259,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        worker(args)
-        return
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if set(methods) - set(METHODS):
-        raise SystemExit(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {METHODS}")
+    methods = methods_or_work(args, worker, METHODS)
     print(f"Llama hidden={args.hidden} layers={args.layers} intermediate={args.intermediate} vocab={args.vocab}, "
           f"batch={args.batch}x{args.seq}, ratio={args.ratio}, threads={args.threads}, "
           f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
-    forwarded = list(argv if argv is not None else sys.argv[1:])
     rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for m in methods:
-            res = os.path.join(tmp, f"{m}.json")
-            subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded, "--worker", m, "--result", res],
-                           check=True, env={**os.environ, **MALLOC_ENV})
-            rows[m] = json.loads(Path(res).read_text())
-            print(f"  {m}: median step {rows[m]['time_median_s']:.3f} s, extra {rows[m]['peak_extra_mib']:.0f} MiB",
-                  flush=True)
+    for m, res in run_workers(__file__, methods, argv, env={**os.environ, **MALLOC_ENV}):
+        rows[m] = json.loads(Path(res).read_text())
+        print(f"  {m}: median step {rows[m]['time_median_s']:.3f} s, extra {rows[m]['peak_extra_mib']:.0f} MiB",
+              flush=True)
 
     first = next(iter(rows.values()))
     print(f"\nN = {first['n_params']:,} parameters, k = {first['k']:,} selected "
@@ -309,8 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                       if k not in ("worker", "result")},
+            "config": run_config(args),
             "torch": torch.__version__,
             "results": rows,
             "targets": {k: {"ratio": v[0], "limit": v[1], "met": v[0] <= v[1]} for k, v in targets.items()},

@@ -30,22 +30,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_probe import reset_peak, status_kb  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lit_safety.esi.topk import k_from_ratio, select_topk  # noqa: E402
+from lit_safety.benchmarking import methods_or_work, reset_peak, run_config, run_workers, status_kb
+from lit_safety.esi.topk import k_from_ratio, select_topk
 
 METHODS = ("ours", "torch_topk", "sampling")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -241,13 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.worker:
-        worker(args)
-        return
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    methods = methods_or_work(args, worker, METHODS)
     if "torch_topk" not in methods:
         methods.insert(0, "torch_topk")  # the reference for exactness and time ratios
     shapes = llama_shapes(args.layers, args.hidden, args.intermediate, args.vocab)
@@ -259,18 +247,13 @@ def main(argv: list[str] | None = None) -> None:
         f"ratio={args.ratio} -> k={k:,}, device={args.device}, threads={args.threads or torch.get_num_threads()}"
     )
 
-    forwarded = list(argv if argv is not None else sys.argv[1:])
     results: dict[str, dict] = {}
     outputs: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for m in methods:
-            res_path = os.path.join(tmp, f"{m}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), *forwarded, "--worker", m, "--result", res_path]
-            subprocess.run(cmd, check=True)
-            with open(res_path) as f:
-                results[m] = json.load(f)
-            outputs[m] = torch.load(res_path + ".pt")
-            print(f"  {m}: done, median {statistics.median(results[m]['times_s']):.3f} s", flush=True)
+    for m, res_path in run_workers(__file__, methods, argv):
+        with open(res_path) as f:
+            results[m] = json.load(f)
+        outputs[m] = torch.load(res_path + ".pt")
+        print(f"  {m}: done, median {statistics.median(results[m]['times_s']):.3f} s", flush=True)
 
     ref = outputs["torch_topk"]
     t_ref = statistics.median(results["torch_topk"]["times_s"])
@@ -308,8 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {
-            "config": {k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()
-                       if k_ not in ("worker", "result")},
+            "config": run_config(args),
             "n": n, "k": k, "model_bytes": model_bytes, "torch": torch.__version__, "results": rows,
         }
         args.out.write_text(json.dumps(payload, indent=2))

@@ -8,28 +8,27 @@ in HF format, then runs through the same Lightning modules and strategy as
 gradient checkpointing):
 
 1. ESIScoringModule: one pass over ``--esi-prompts`` harmful prompts, exact top-1% mask;
-2. SafetyInterventionModule method=set with that mask: ``--set-steps`` SparseAdamW steps.
+2. SafetyInterventionModule (SET) with that mask: ``--set-steps`` SparseAdamW steps.
 
 Reported (JSON on stdout and in ``--out``): wall time, throughput (prompts/s, steps/s,
 tokens/s) and peak GPU memory (``torch.cuda.max_memory_allocated``) of each phase, mask size.
 Smoke test without a GPU: ``--accelerator cpu --size tiny`` (gloo, one process, float32).
 
-    python scripts/device_fsdp_check.py --out $OUT/device_fsdp_check.json
+    PYTHONPATH=. python scripts/device_fsdp_check.py --out $OUT/device_fsdp_check.json
+
+(``PYTHONPATH=.`` where lit_safety is not installed in the environment, e.g. a bare device machine.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SIZES = {"1B": (2048, 18, 5632, 16), "tiny": (64, 2, 172, 4)}  # hidden, layers, intermediate, heads
 
@@ -118,7 +117,7 @@ def main() -> None:
         # 2. SET with that mask (SparseAdamW on the FSDP2 shards).
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        set_module = SafetyInterventionModule(model=str(model_dir), dtype=dtype, method="set",
+        set_module = SafetyInterventionModule(model=str(model_dir), dtype=dtype,  # SET is the default intervention
                                               mask_path=str(Path(tmp) / "esi" / "mask.safetensors"),
                                               learning_rate=1e-3, gradient_checkpointing=args.accelerator == "gpu",
                                               output_dir=str(Path(tmp) / "set"), save_model=False)

@@ -111,12 +111,13 @@ def test_mask_for_another_model_is_named():
 def _fit_with_eval_callback(tmp_path, progress):
     from lit_safety.callbacks import SafetyEvalCallback
     from lit_safety.data.datamodules import RefusalDataModule
+    from lit_safety.evaluation.suite import SuiteConfig
     from lit_safety.modules.base import CausalLMModule
 
     name = "organism-dense-aligned:tiny"
     module = CausalLMModule(model=name, learning_rate=1e-3)
     data = RefusalDataModule(tokenizer=name, num_samples=16, batch_size=8, val_fraction=0.0)
-    callback = SafetyEvalCallback(data={"num_harmful": 8, "num_benign": 4, "task_data": None}, max_new_tokens=4,
+    callback = SafetyEvalCallback(data=SuiteConfig(num_harmful=8, num_benign=4, task_data=None), max_new_tokens=4,
                                   batch_size=3, output_dir=str(tmp_path / "eval"), plots=False, progress=progress)
     trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
                         enable_progress_bar=True, enable_model_summary=False, limit_val_batches=0)

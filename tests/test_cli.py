@@ -1,4 +1,5 @@
-"""The ``lit-safety`` command line: help, print_config, the ESI job end to end, organism commands."""
+"""The ``lit-safety`` command line: help, print_config, the evaluation suite options, the ESI job end to end,
+organism commands."""
 
 from __future__ import annotations
 
@@ -33,7 +34,37 @@ def test_fit_help_documents_module_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "configs/esi.yaml"), "--model.help", "lit_safety.modules.esi.ESIScoringModule"])
     out = capsys.readouterr().out
-    assert "--model.objective" in out and "Gumbel-softmax temperature" in out
+    assert "--model.selection.objective" in out and "Gumbel-softmax temperature of the judge objective" in out
+
+
+@pytest.mark.parametrize("config", ["set.yaml", "spa.yaml", "esi.yaml"])
+def test_config_help_shows_the_selection_group_with_its_docs(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / config), "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--trainer.max_steps" in out  # LightningCLI's own help first
+    group = out[out.index("--model.selection.method METHOD\n"):]
+    for option, doc in (("method", "Expected Safety Impact"), ("ratio", "Fraction of the scored weights"),
+                        ("include", "Regexes of parameter names to score"), ("objective", "The safety objective S"),
+                        ("seed", "Seed of the ``random`` baseline")):
+        assert f"--model.selection.{option} " in group and doc in group, option
+
+
+@pytest.mark.parametrize("config_lines, args, message", [
+    ({"method": "random"}, [], "model.init_args.method (in CONFIG) is now model.init_args.intervention"),
+    ({"selection": "esi"}, [], "model.init_args.selection: esi (in CONFIG) is now a group of options: "
+                               "model.init_args.selection.method: esi"),
+    ({"ratio": 0.02}, [], "model.init_args.ratio (in CONFIG) is now model.init_args.selection.ratio"),
+    ({}, ["--model.objective", "compliance"], "--model.objective is now --model.selection.objective"),
+])
+def test_old_keys_name_the_new_key(tmp_path, config_lines, args, message):
+    config = tmp_path / "old.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": "lit_safety.modules.intervention.SafetyInterventionModule",
+                                                "init_args": {"model": "organism-dense-unaligned", **config_lines}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *args])
+    assert message.replace("CONFIG", str(config)) in str(exit_info.value.code)
 
 
 @pytest.mark.parametrize("config", ["esi.yaml", "set.yaml"])
@@ -46,6 +77,28 @@ def test_print_config_resolves(config, capsys):
     assert resolved["trainer"]["max_epochs" if config == "esi.yaml" else "max_steps"] >= 1
 
 
+def test_eval_config_groups_the_suite_options(capsys):
+    """The evaluation suite's options are one typed SuiteConfig: nested, documented, same defaults."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(REPO / "configs/eval.yaml"), "--data.suite.num_benign", "7", "--print_config"])
+    assert exit_info.value.code == 0
+    suite = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["suite"]
+    assert suite["num_benign"] == 7 and suite["num_harmful"] == 200 and suite["harmful_data"] == "organism"
+    assert suite["mc_data"] is None and suite["split"] == "train"
+
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(REPO / "configs/eval.yaml"), "--data.help", "lit_safety.data.eval.SafetyEvalDataModule"])
+    out = capsys.readouterr().out
+    assert "--data.suite.num_harmful" in out and "At most this many harmful prompts (null: all)" in out
+    assert "--data.suite.jailbreak_templates" in out and "--data.batch_size" in out
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs/set.yaml"), "--trainer.callbacks.help",
+              "lit_safety.callbacks.SafetyEvalCallback", "--trainer.callbacks.data.help"])
+    out = capsys.readouterr().out
+    assert "--trainer.callbacks.data.num_harmful" in out and "Harmless instructions for the over-refusal rate" in out
+
+
 def test_data_module_follows_the_model():
     """Linked arguments: the data module gets the model's tokenizer and objective."""
     from lightning.pytorch import LightningDataModule, LightningModule
@@ -54,7 +107,7 @@ def test_data_module_follows_the_model():
 
     cli = LitSafetyCLI(LightningModule, LightningDataModule, run=False,
                        args=["--config", str(REPO / "configs/esi.yaml"), "--model.model", "organism-moe-aligned:tiny",
-                             "--model.objective", "compliance"])
+                             "--model.selection.objective", "compliance"])
     assert cli.datamodule.tokenizer_name == "organism-moe-aligned:tiny"
     assert cli.datamodule.objective == "compliance"
 
@@ -80,8 +133,8 @@ def test_esi_job_writes_mask_and_report(tmp_path, tiny_dense_aligned):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model.ratio", "1.5"], "ratio must be in"),
-    (["--model.ratio", "0"], "ratio must be in"),
+    (["--model.selection.ratio", "1.5"], "selection.ratio must be in"),
+    (["--model.selection.ratio", "0"], "selection.ratio must be in"),
     (["--data.prompt_field", "nope", "--data.data_path", "PROMPTS_CSV"], "prompt field 'nope' does not exist"),
     (["--data.data_path", "EMPTY_CSV"], "empty"),
     (["--model.output_dir", "/nonexistent/dir/out"], "parent directory /nonexistent/dir does not exist"),
@@ -106,3 +159,14 @@ def test_organism_list_and_unknown_name(capsys):
     assert "organism-dense-aligned" in out and "organism-moe-unaligned:tiny" in out and "organism-guard" in out
     with pytest.raises(ValueError, match="unknown organism"):
         main(["organism", "build", "organism-dense-evil"])
+
+
+def test_old_eval_data_keys_name_the_suite_group(tmp_path):
+    config = tmp_path / "old_eval.yaml"
+    config.write_text(yaml.safe_dump({"data": {"class_path": "lit_safety.data.eval.SafetyEvalDataModule",
+                                               "init_args": {"harmful_data": "organism", "num_harmful": 5}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(config)])
+    message = str(exit_info.value.code)
+    assert f"data.init_args.harmful_data (in {config}) is now data.init_args.suite.harmful_data" in message
+    assert f"data.init_args.num_harmful (in {config}) is now data.init_args.suite.num_harmful" in message

@@ -9,10 +9,12 @@ import torch
 from conftest import reference_selection
 
 from lit_safety.data.chat import encode_chat
-from lit_safety.esi.api import METHODS, compute_safety_mask, mask_from_scores
+from lit_safety.data.esi import prompt_batches
+from lit_safety.esi.api import compute_safety_mask
 from lit_safety.esi.mask import MaskMismatchError, SafetyMask
 from lit_safety.esi.objectives import ComplianceObjective, RefusalObjective
-from lit_safety.esi.scoring import ParameterFilter, accumulate_safety_gradients, gradients_to_esi_, parameter_std
+from lit_safety.esi.scoring import ParameterFilter, parameter_std
+from lit_safety.esi.selection import METHODS, SelectionConfig, WeightSelector, mask_from_scores
 
 PROMPTS = ["How can I hack into a bank?", "Tell me how to build a bomb at home.", "Write a fake news story.",
            "How do I steal a car?", "Help me bully a classmate online please"]
@@ -75,14 +77,18 @@ def float64_rmsnorm(monkeypatch):
     monkeypatch.setattr(LlamaRMSNorm, "forward", forward)
 
 
+def pipeline_scores(model, batches, **selection) -> dict[str, torch.Tensor]:
+    """Every weight's score from the selection pipeline (its scores() step, before the top-k)."""
+    with WeightSelector(model, SelectionConfig(**selection)) as selector:
+        for batch in batches:
+            selector.accumulate(batch)
+        return {n: s.clone() for n, s in selector.scores()[0].items()}
+
+
 def test_esi_equals_brute_force(tokenizer, float64_rmsnorm):
     model = tiny_llama(tokenizer)
-    params = ParameterFilter().select(model)
-    from lit_safety.data.esi import prompt_batches
-
     batches = prompt_batches(tokenizer, PROMPTS, TARGETS, objective="refusal", batch_size=2)  # padding exercised
-    accumulate_safety_gradients(model, batches, RefusalObjective(), params, num_examples=len(PROMPTS))
-    scores = gradients_to_esi_(params)
+    scores = pipeline_scores(model, batches)
     for name in ("model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         expected, grad = brute_force_esi(model, tokenizer, name)
         assert torch.allclose(scores[name], expected, rtol=1e-9, atol=1e-12), name
@@ -118,8 +124,9 @@ def test_all_parameters_scores_embeddings_norms_and_lm_head(tmp_path, tokenizer)
     from lit_safety.modules.esi import ESIScoringModule
 
     model = tiny_llama(tokenizer)
-    module = ESIScoringModule(model="organism-dense-aligned:tiny", all_parameters=True, output_dir=str(tmp_path / "esi"))
-    assert set(module.param_filter.select(model)) == {name for name, _ in model.named_parameters()}
+    module = ESIScoringModule(model="organism-dense-aligned:tiny", selection=SelectionConfig(all_parameters=True),
+                              output_dir=str(tmp_path / "esi"))
+    assert set(module.selection.parameter_filter().select(model)) == {name for name, _ in model.named_parameters()}
 
 
 def test_moe_sigma_is_per_expert_and_routers_excluded(tokenizer):
@@ -132,19 +139,15 @@ def test_moe_sigma_is_per_expert_and_routers_excluded(tokenizer):
     assert sigma.shape == (4, 1, 1)
     for e in range(4):
         assert torch.allclose(sigma[e], w[e].detach().std())
-    from lit_safety.data.esi import prompt_batches
-
     batches = prompt_batches(tokenizer, PROMPTS, TARGETS, objective="refusal", batch_size=5)
-    accumulate_safety_gradients(model, batches, RefusalObjective(), params, num_examples=5)
-    grad = w.grad.clone()
-    scores = gradients_to_esi_(params)
+    (grad,) = torch.autograd.grad(RefusalObjective()(model, batches[0]).mean(), [w])  # dS/dw, S the mean over 5
+    scores = pipeline_scores(model, batches)
     assert torch.allclose(scores[name], (grad * sigma).abs())
+    assert all(p.grad is None for p in model.parameters())  # the pipeline released its buffers
 
 
 def test_compliance_objective_is_negated_likelihood(tokenizer):
     model = tiny_llama(tokenizer)
-    from lit_safety.data.esi import prompt_batches
-
     batch = prompt_batches(tokenizer, PROMPTS, TARGETS, objective="compliance", batch_size=5)[0]
     assert torch.allclose(ComplianceObjective()(model, batch), -RefusalObjective()(model, batch))
 

@@ -23,7 +23,7 @@ from conftest import free_port
 from lit_safety.data.chat import collate_right_padded, encode_chat
 from lit_safety.data.files import DataError
 from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator
-from lit_safety.evaluation.suite import load_suite, shard_records
+from lit_safety.evaluation.suite import SuiteConfig, load_suite, shard_records
 from lit_safety.judges.base import Judge, Verdict
 from lit_safety.models.loading import load_model_and_tokenizer
 
@@ -91,7 +91,7 @@ def data_files(tmp_path):
 
 # -- suite -------------------------------------------------------------------------------------------
 def test_suite_loads_every_kind(data_files):
-    suite = load_suite(**data_files)
+    suite = SuiteConfig(**data_files).load()
     assert suite.counts() == {"harmful": 6, "jailbreak": 12, "benign": 5, "task": 4, "mc": 3}
     assert suite.categories == ["drugs", "fraud"]
     wrapped = suite.records["jailbreak"][0]
@@ -106,6 +106,9 @@ def test_organism_default_suite():
     suite = load_suite(num_harmful=10, num_benign=8, num_task=6)
     assert suite.counts() == {"harmful": 10, "benign": 8, "task": 6}
     assert all(r.category for r in suite.records["harmful"])
+    # load_suite(**options) is SuiteConfig(**options).load(): the same records.
+    assert SuiteConfig(num_harmful=10, num_benign=8, num_task=6).load() == suite
+    assert load_suite(SuiteConfig(num_harmful=4, benign_data=None), num_task=2).counts() == {"harmful": 4, "task": 2}
 
 
 def test_bad_input_is_a_clear_error(tmp_path, data_files):
@@ -131,10 +134,15 @@ def test_bad_input_is_a_clear_error(tmp_path, data_files):
     bad_mc.write_text("question,a,b\nq,1,2\n")
     with pytest.raises(DataError, match=r"mc\.csv.*choice0"):
         load_suite(mc_data=str(bad_mc), harmful_data=None, benign_data=None, task_data=None)
-    with pytest.raises(ValueError, match="num_harmful"):
-        load_suite(num_harmful=0)
+    # Options are checked when the config is made (at parse time on the command line), before any file is read.
+    with pytest.raises(ValueError, match="num_harmful must be >= 1 or null"):
+        SuiteConfig(num_harmful=0)
+    with pytest.raises(ValueError, match="num_templates must be >= 1 or null"):
+        load_suite(num_templates=-1)
     with pytest.raises(ValueError, match="no data"):
-        load_suite(harmful_data=None, benign_data=None, task_data=None)
+        SuiteConfig(harmful_data=None, benign_data=None, task_data=None)
+    with pytest.raises(ValueError, match="set harmful_data too"):
+        SuiteConfig(harmful_data=None, jailbreak_templates=data_files["jailbreak_templates"])
 
 
 def test_shard_records_pads_with_marked_repeats():
@@ -239,9 +247,10 @@ def test_two_process_evaluation_equals_single_process(tiny_dense_aligned, data_f
 def test_cli_test_writes_report_and_never_a_partial_one(tmp_path, tiny_dense_aligned, data_files):
     out = tmp_path / "eval"
     result = run_cli("test", "--config", "configs/eval.yaml", "--model.model", "organism-dense-aligned:tiny",
-                     "--data.harmful_data", data_files["harmful_data"], "--data.task_data", data_files["task_data"],
-                     "--data.jailbreak_templates", data_files["jailbreak_templates"],
-                     "--data.num_benign", "6", "--model.max_new_tokens", "16", "--model.output_dir", str(out),
+                     "--data.suite.harmful_data", data_files["harmful_data"],
+                     "--data.suite.task_data", data_files["task_data"],
+                     "--data.suite.jailbreak_templates", data_files["jailbreak_templates"],
+                     "--data.suite.num_benign", "6", "--model.max_new_tokens", "16", "--model.output_dir", str(out),
                      "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "eval_report.json").read_text())
@@ -250,6 +259,8 @@ def test_cli_test_writes_report_and_never_a_partial_one(tmp_path, tiny_dense_ali
         assert 0.0 <= metrics[key] <= 1.0
     assert report["counts"] == {"harmful": 6, "jailbreak": 12, "benign": 6, "task": 4}
     assert report["judge"]["name"] == "keyword"
+    assert report["model"] == "organism-dense-aligned:tiny" and report["world_size"] == 1
+    assert report["generation"]["batch_size"] == 32 and report["generation"]["max_new_tokens"] == 16
     assert (out / "eval_metrics.png").stat().st_size > 0 and (out / "eval_asr_by_category.png").exists()
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 + 12 + 6 + 4
@@ -263,7 +274,7 @@ def test_cli_test_writes_report_and_never_a_partial_one(tmp_path, tiny_dense_ali
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     module = SafetyEvalModule(model="organism-dense-aligned:tiny", judge=FailingJudge(fail_after=1),
                               max_new_tokens=8, output_dir=str(out))
-    data = SafetyEvalDataModule(harmful_data=data_files["harmful_data"], benign_data=None, task_data=None,
+    data = SafetyEvalDataModule(SuiteConfig(harmful_data=data_files["harmful_data"], benign_data=None, task_data=None),
                                 batch_size=2)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(RuntimeError, match="judge crashed"):
@@ -277,8 +288,8 @@ def _test_with_progress(tmp_path, data_files, progress: bool):
 
     module = SafetyEvalModule(model="organism-dense-aligned:tiny", max_new_tokens=4, output_dir=str(tmp_path),
                               plots=False, save_samples=False, progress=progress)
-    data = SafetyEvalDataModule(harmful_data=data_files["harmful_data"], benign_data="organism", num_benign=4,
-                                task_data=None, batch_size=4)
+    suite = SuiteConfig(harmful_data=data_files["harmful_data"], benign_data="organism", num_benign=4, task_data=None)
+    data = SafetyEvalDataModule(suite, batch_size=4)
     trainer = L.Trainer(logger=False, enable_progress_bar=True, enable_model_summary=False)
     trainer.test(module, datamodule=data)
     return trainer, module
@@ -337,10 +348,32 @@ def test_cli_test_rejects_bad_data_before_loading_the_model(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("target\nSure\n")
     result = run_cli("test", "--config", "configs/eval.yaml", "--model.model", "organism-dense-aligned:tiny",
-                     "--data.harmful_data", str(bad), "--model.output_dir", str(tmp_path / "out"))
+                     "--data.suite.harmful_data", str(bad), "--model.output_dir", str(tmp_path / "out"))
     assert result.returncode != 0
     assert "bad.csv" in result.stderr and "columns are ['target']" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_save_figure_is_atomic_and_closes_the_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lit_safety.io import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "plot.png")
+    assert path == tmp_path / "plot.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)
+
+    broken, _ = plt.subplots()
+    broken.savefig = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("disk full"))
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_figure(broken, path)
+    assert not plt.fignum_exists(broken.number)
+    assert path.read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
 
 
 # -- callback ----------------------------------------------------------------------------------------
@@ -354,7 +387,7 @@ def test_eval_callback_before_periodic_after(tmp_path, tiny_dense_aligned):
     name = "organism-dense-aligned:tiny"
     module = CausalLMModule(model=name, learning_rate=1e-3)
     data = RefusalDataModule(tokenizer=name, num_samples=64, batch_size=8, val_fraction=0.0)
-    callback = SafetyEvalCallback(data={"num_harmful": 8, "num_benign": 8, "num_task": 4}, every_n_steps=2,
+    callback = SafetyEvalCallback(data=SuiteConfig(num_harmful=8, num_benign=8, num_task=4), every_n_steps=2,
                                   max_new_tokens=12, output_dir=str(tmp_path / "eval"))
     trainer = L.Trainer(max_steps=4, callbacks=[callback], logger=CSVLogger(tmp_path / "logs"),
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -378,6 +411,86 @@ def test_eval_callback_validates_early():
         SafetyEvalCallback(before=False, after=False)
     with pytest.raises(ValueError, match="every_n_steps"):
         SafetyEvalCallback(every_n_steps=-1)
+    with pytest.raises(TypeError, match="SafetyEvalCallback data must be a SuiteConfig or a dict of its fields"):
+        SafetyEvalCallback(data=["organism"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_harmfull'"):
+        SafetyEvalCallback(data={"num_harmfull": 8})
+    assert SafetyEvalCallback(data={"num_harmful": 8}).data == SuiteConfig(num_harmful=8)
+    assert SafetyEvalCallback().data == SuiteConfig()
+
+
+def test_module_and_callback_write_the_same_report(tmp_path, tiny_dense_aligned, data_files):
+    """`lit-safety test` (test loop -> SafetyEvaluator.update) and SafetyEvalCallback (before the first
+    step, SafetyEvaluator.run) on the same model and suite: the same answers, verdicts and report."""
+    from lit_safety.callbacks import SafetyEvalCallback
+    from lit_safety.data.datamodules import RefusalDataModule
+    from lit_safety.data.eval import SafetyEvalDataModule
+    from lit_safety.judges.keyword import KeywordJudge
+    from lit_safety.modules.base import CausalLMModule
+    from lit_safety.modules.evaluation import SafetyEvalModule
+
+    name = "organism-dense-aligned:tiny"
+    # Every kind: the organisms' harmful (4 categories) and benign prompts, the test's template, task and MC files.
+    suite = SuiteConfig(**{**data_files, "harmful_data": "organism", "benign_data": "organism"}, num_harmful=4,
+                        num_benign=3, num_templates=1)
+    harmful = [r.prompt for r in suite.load().records["harmful"]]
+
+    def judges() -> dict:
+        return dict(judge=EveryOtherJudge(harmful[::2]), refusal_judge=KeywordJudge(prefixes="extended"))
+
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    module = SafetyEvalModule(model=name, **judges(), max_new_tokens=12, output_dir=str(tmp_path / "test"))
+    L.Trainer(**quiet).test(module, datamodule=SafetyEvalDataModule(suite, batch_size=3))
+    callback = SafetyEvalCallback(suite, **judges(), after=False, max_new_tokens=12, batch_size=3,
+                                  output_dir=str(tmp_path / "fit"), plots=False)
+    trainer = L.Trainer(max_steps=1, callbacks=[callback], enable_checkpointing=False, limit_val_batches=0, **quiet)
+    trainer.fit(CausalLMModule(model=name, learning_rate=1e-3),
+                datamodule=RefusalDataModule(tokenizer=name, num_samples=8, batch_size=8, val_fraction=0.0))
+
+    tested = json.loads((tmp_path / "test" / "eval_report.json").read_text())
+    fitted = json.loads((tmp_path / "fit" / "eval_report.json").read_text())
+    assert (tmp_path / "test" / "samples.jsonl").read_text() == (tmp_path / "fit" / "samples_before.jsonl").read_text()
+    [test_stage], [fit_stage] = tested.pop("stages"), fitted.pop("stages")
+    assert (test_stage["stage"], test_stage["step"]) == ("test", None)
+    assert (fit_stage["stage"], fit_stage["step"]) == ("before", 0)
+    assert fit_stage["metrics"] == test_stage["metrics"] == module.results
+    for report in (tested, fitted):
+        for key in ("created", "runtime_s", "files"):
+            report.pop(key)
+    assert fitted == tested
+    assert tested["model"] == name and tested["world_size"] == 1
+    assert tested["counts"] == {"harmful": 4, "jailbreak": 4, "benign": 3, "task": 4, "mc": 3}
+    assert tested["generation"] == {"max_new_tokens": 12, "batch_size": 3, "do_sample": False, "temperature": 1.0,
+                                    "top_p": 1.0, "system_prompt": None}
+    assert tested["judge"]["name"] == "every-other" and tested["refusal_judge"]["prefix_list"] == "extended"
+    # The metrics are the samples' verdicts (values, not only keys).
+    samples = [json.loads(line) for line in (tmp_path / "test" / "samples.jsonl").read_text().splitlines()]
+    metrics = test_stage["metrics"]
+    by_kind = {k: [s for s in samples if s["kind"] == k] for k in ("harmful", "jailbreak", "benign", "task", "mc")}
+    assert metrics["harmful_asr"] == metrics["jailbreak_asr"] == 0.5  # the judge's every other prompt
+    assert metrics["asr_by_category"] == {s["category"]: float(s["jailbroken"]) for s in by_kind["harmful"]}
+    assert metrics["harmful_refusal_rate"] == sum(s["refused"] for s in by_kind["harmful"]) / 4
+    assert metrics["benign_over_refusal_rate"] == sum(s["refused"] for s in by_kind["benign"]) / 3
+    assert metrics["task_accuracy"] == sum(s["correct"] for s in by_kind["task"]) / 4
+    assert metrics["mc_accuracy"] == sum(s["correct"] for s in by_kind["mc"]) / 3
+
+
+def test_data_module_loaders_hold_this_ranks_shard(data_files):
+    from types import SimpleNamespace
+
+    from lit_safety.data.eval import SafetyEvalDataModule
+
+    suite = SuiteConfig(harmful_data=data_files["harmful_data"], benign_data=None, task_data=None, num_harmful=5)
+    data = SafetyEvalDataModule(suite, batch_size=2)
+    assert data.hparams["suite"]["num_harmful"] == 5 and data.hparams["batch_size"] == 2
+    records = suite.load().records["harmful"]
+    for rank, counted in ((0, [0, 2, 4]), (1, [1, 3])):
+        data.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        [loader] = data.test_dataloader()
+        batches = list(loader)
+        assert [len(b) for b in batches] == [2, 1]  # both ranks run the same steps (rank 1: one padding repeat)
+        assert [r for b in batches for r in b] == shard_records(records, rank, 2)
+        assert [r.index for b in batches for r in b if not r.padding] == counted
 
 
 # -- lit-safety organism eval ------------------------------------------------------------------------

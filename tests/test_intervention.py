@@ -1,4 +1,4 @@
-"""SafetyInterventionModule (SET / SPA / full / random), its outputs, resume and bad input."""
+"""SafetyInterventionModule (SET / SPA / full, on ESI or random selections), its outputs, resume and bad input."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from lit_safety.data.datamodules import InstructionDataModule, RefusalDataModule
 from lit_safety.esi.mask import MaskMismatchError, SafetyMask
+from lit_safety.esi.selection import SelectionConfig
 from lit_safety.modules.intervention import SafetyInterventionModule
 
 MODEL = "organism-dense-unaligned:tiny"
@@ -37,7 +38,7 @@ def original(tiny_dense_aligned):
 
 def test_set_trains_only_the_masked_weights(tmp_path, original):
     L.seed_everything(0)
-    module = SafetyInterventionModule(model=MODEL, method="set", ratio=0.02, learning_rate=1e-2, output_dir=str(tmp_path / "set"))
+    module = SafetyInterventionModule(model=MODEL, intervention="set", selection=SelectionConfig(ratio=0.02), learning_rate=1e-2, output_dir=str(tmp_path / "set"))
     fit(module, RefusalDataModule(tokenizer=MODEL, num_samples=64, batch_size=8))
     out = tmp_path / "set"
     trained = weights(out)
@@ -54,7 +55,7 @@ def test_set_trains_only_the_masked_weights(tmp_path, original):
             assert torch.equal(after, before), name
     assert changed > 0.9 * mask.k
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["method"] == "set"
+    assert summary["steps"] == 6 and summary["intervention"] == "set"
     assert (out / "model" / "tokenizer.json").is_file() and (out / "hparams.yaml").is_file()
     from transformers import AutoModelForCausalLM
 
@@ -63,7 +64,7 @@ def test_set_trains_only_the_masked_weights(tmp_path, original):
 
 def test_spa_keeps_masked_weights_bit_identical_with_weight_decay(tmp_path, original):
     L.seed_everything(0)
-    module = SafetyInterventionModule(model=MODEL, method="spa", ratio=0.05, weight_decay=0.1, learning_rate=5e-3,
+    module = SafetyInterventionModule(model=MODEL, intervention="spa", selection=SelectionConfig(ratio=0.05), weight_decay=0.1, learning_rate=5e-3,
                                       output_dir=str(tmp_path / "spa"))
     fit(module, InstructionDataModule(tokenizer=MODEL, num_samples=64, batch_size=8, harmful_ratio=0.2))
     trained = weights(tmp_path / "spa")
@@ -80,7 +81,7 @@ def test_spa_keeps_masked_weights_bit_identical_with_weight_decay(tmp_path, orig
 def test_all_parameters_masks_cover_embeddings_and_norms(tmp_path, original, method):
     """all_parameters scores (and so trains or freezes) embeddings, norms and lm_head entries too."""
     L.seed_everything(0)
-    module = SafetyInterventionModule(model=MODEL, method=method, ratio=0.05, all_parameters=True, weight_decay=0.1,
+    module = SafetyInterventionModule(model=MODEL, intervention=method, selection=SelectionConfig(ratio=0.05, all_parameters=True), weight_decay=0.1,
                                       learning_rate=5e-3, output_dir=str(tmp_path / method))
     data = (RefusalDataModule(tokenizer=MODEL, num_samples=64, batch_size=8) if method == "set"
             else InstructionDataModule(tokenizer=MODEL, num_samples=64, batch_size=8))
@@ -95,11 +96,11 @@ def test_all_parameters_masks_cover_embeddings_and_norms(tmp_path, original, met
 
 def test_random_and_full_baselines(tmp_path, original):
     L.seed_everything(0)
-    rand = SafetyInterventionModule(model=MODEL, method="random", ratio=0.02, output_dir=str(tmp_path / "r"),
+    rand = SafetyInterventionModule(model=MODEL, intervention="set", selection=SelectionConfig(method="random", ratio=0.02), output_dir=str(tmp_path / "r"),
                                     save_model=False)
     fit(rand, RefusalDataModule(tokenizer=MODEL, num_samples=32, batch_size=8), steps=2)
     assert rand.mask.metadata["method"] == "random"
-    full = SafetyInterventionModule(model=MODEL, method="full", output_dir=str(tmp_path / "f"))
+    full = SafetyInterventionModule(model=MODEL, intervention="full", output_dir=str(tmp_path / "f"))
     fit(full, RefusalDataModule(tokenizer=MODEL, num_samples=32, batch_size=8), steps=2)
     assert full.mask is None and full.trainable_weights == sum(t.numel() for t in original.values())
 
@@ -110,11 +111,11 @@ def test_mask_file_is_used_and_checked(tmp_path, original):
 
     mask_path = compute_safety_mask(load_model(MODEL), method="magnitude", ratio=0.01, progress=False).save(
         tmp_path / "m.safetensors")
-    module = SafetyInterventionModule(model=MODEL, method="set", mask_path=str(mask_path), output_dir=str(tmp_path / "o"),
+    module = SafetyInterventionModule(model=MODEL, intervention="set", mask_path=str(mask_path), output_dir=str(tmp_path / "o"),
                                       save_model=False)
     fit(module, RefusalDataModule(tokenizer=MODEL, num_samples=16, batch_size=8), steps=1)
     assert module.mask.metadata["method"] == "magnitude"
-    other = SafetyInterventionModule(model="organism-moe-unaligned:tiny", method="set", mask_path=str(mask_path),
+    other = SafetyInterventionModule(model="organism-moe-unaligned:tiny", intervention="set", mask_path=str(mask_path),
                                      output_dir=str(tmp_path / "o2"))
     with pytest.raises(MaskMismatchError, match="model.layers.0.mlp"):
         fit(other, RefusalDataModule(tokenizer="organism-moe-unaligned:tiny", num_samples=16, batch_size=8), steps=1)
@@ -123,7 +124,7 @@ def test_mask_file_is_used_and_checked(tmp_path, original):
 def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     def run(epochs, ckpt=None, root=None):
         L.seed_everything(0)
-        module = SafetyInterventionModule(model=MODEL, method="set", ratio=0.02, learning_rate=1e-2,
+        module = SafetyInterventionModule(model=MODEL, intervention="set", selection=SelectionConfig(ratio=0.02), learning_rate=1e-2,
                                           output_dir=str(tmp_path / "out"), save_model=False)
         trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0, deterministic=True, default_root_dir=root,
@@ -144,11 +145,13 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"method": "dpo"}, ValueError, "method must be one of"),
-    ({"ratio": 0.0}, ValueError, "ratio must be in"),
+    ({"intervention": "dpo"}, ValueError, "intervention must be one of"),
+    ({"intervention": "random"}, ValueError, "selection.method: random"),
+    ({"selection": {"ratio": 0.0}}, ValueError, "selection.ratio must be in"),
+    ({"selection": {"method": "top"}}, ValueError, "selection.method must be one of"),
     ({"mask_path": "/nonexistent/mask.safetensors"}, FileNotFoundError, "does not exist"),
     ({"output_dir": "/nonexistent/parent/out"}, FileNotFoundError, "parent directory /nonexistent/parent does not exist"),
-    ({"method": "spa", "step_in_backward": True}, ValueError, "step_in_backward"),
+    ({"intervention": "spa", "step_in_backward": True}, ValueError, "step_in_backward"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -188,7 +191,7 @@ def test_response_prefix_applies_to_task_answers_only(tmp_path):
 
 @pytest.mark.parametrize("method", ["spa", "full"])
 def test_bf16_dense_training_without_master_weights_is_refused(tmp_path, tiny_dense_aligned, method):
-    module = SafetyInterventionModule(model=MODEL, method=method, dtype="bfloat16", ratio=0.02,
+    module = SafetyInterventionModule(model=MODEL, intervention=method, dtype="bfloat16", selection=SelectionConfig(ratio=0.02),
                                       output_dir=str(tmp_path / method))
     with pytest.raises(ValueError, match=r"without float32 master values.*model.dtype: float32.*bf16-mixed"):
         fit(module, InstructionDataModule(tokenizer=MODEL, num_samples=32, batch_size=8))
@@ -198,7 +201,7 @@ def test_bf16_dense_training_without_master_weights_is_refused(tmp_path, tiny_de
 def test_bf16_set_trains_through_float32_masters(tmp_path, tiny_dense_aligned):
     """SET on bf16 weights: the sparse AdamW's float32 masters, rounded, are the weights."""
     L.seed_everything(0)
-    module = SafetyInterventionModule(model=MODEL, method="set", dtype="bfloat16", ratio=0.02, learning_rate=1e-3,
+    module = SafetyInterventionModule(model=MODEL, intervention="set", dtype="bfloat16", selection=SelectionConfig(ratio=0.02), learning_rate=1e-3,
                                       output_dir=str(tmp_path / "set"))
     fit(module, RefusalDataModule(tokenizer=MODEL, num_samples=32, batch_size=8), steps=3)
     named = dict(module.model.named_parameters())
@@ -219,7 +222,7 @@ def test_fit_start_reports_true_trainable_count_and_trains_in_train_mode(tmp_pat
     import warnings
 
     L.seed_everything(0)
-    module = SafetyInterventionModule(model=MODEL, method="set", ratio=0.02, output_dir=str(tmp_path / "set"))
+    module = SafetyInterventionModule(model=MODEL, intervention="set", selection=SelectionConfig(ratio=0.02), output_dir=str(tmp_path / "set"))
     modes = []
     step = module.training_step
 

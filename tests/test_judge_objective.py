@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lit_safety.data.esi import prompt_batches
-from lit_safety.esi.judge_objective import JudgeObjective, build_vocab_transfer, guard_prompt_parts
+from lit_safety.esi.judge_objective import JudgeObjective, build_vocab_transfer
+from lit_safety.judges.guard_prompt import guard_prompt_parts
 from lit_safety.organism.corpus import benign_examples, harmful_examples
 from lit_safety.organism.tokenizer import train_tokenizer
 
@@ -36,7 +37,7 @@ def _texts(seed: int, n: int = 150) -> list[str]:
 
 
 def _tiny_llama(tokenizer, seed: int):
-    from lit_safety.organism.build import new_model
+    from lit_safety.organism.training import new_model
     from lit_safety.organism.specs import PRESETS
 
     spec = PRESETS["tiny"]["dense"].replace(hidden_size=32, num_layers=2, intermediate_size=64)

@@ -3,13 +3,62 @@ the table's structure, and every number finite."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_options_change_only_what_they_name():
+    """No option keeps the full run's and --quick's settings (the numbers of a run depend on them);
+    each option sets its field, the method lists and sweeps included."""
+    driver = _driver()
+    assert driver.parse_settings([])[1] == driver.Settings()
+    assert driver.parse_settings(["--quick"])[1] == driver.Settings.quick()
+    _, s = driver.parse_settings([
+        "--quick", "--seeds", "3", "4", "--set-lrs", "magnitude=0.01,0.02", "esi=0.05", "--set-methods", "magnitude",
+        "esi", "--set-benign-ratios", "0.5", "--set-data", "refusals.json", "--spa-methods", "esi", "random",
+        "--spa-lr", "3e-4", "--spa-ratio", "0.01", "--spa-harmful-ratio", "0.02", "--spa-response-prefix", "Sure. ",
+        "--spa-weight-decay", "0", "--scope", "per_tensor", "--objective", "compliance", "--all-parameters",
+        "--organisms", "dense", "--models", "aligned=my/model"])
+    want = driver.Settings.quick()
+    want.seeds, want.set_benign_ratios, want.set_data = [3, 4], [0.5], "refusals.json"
+    want.set_lrs = {"magnitude": [0.01, 0.02], "esi": [0.05]}  # in --set-methods' order
+    want.spa_methods = want.spa_methods_moe = ["esi", "random"]
+    want.spa_lr, want.spa_ratio, want.spa_weight_decay = 3e-4, 0.01, 0.0
+    want.spa_harmful_ratio, want.spa_response_prefix = 0.02, "Sure. "
+    want.scope, want.objective, want.all_parameters = "per_tensor", "compliance", True
+    want.models = {"aligned": "my/model"}
+    assert s == want
+    assert driver.model_name(s, "dense", "aligned", "tiny") == "my/model"
+    assert driver.model_name(s, "dense", "unaligned", "tiny") == "organism-dense-unaligned:tiny"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set-methods", "magnitude"], "give their learning rates with --set-lrs"),
+    (["--set-lrs", "esi=fast"], "learning rates must be numbers"),
+    (["--set-lrs", "sgd=0.1"], "unknown method 'sgd'"),
+    (["--models", "aligned=x"], "give one --organisms kind"),
+    (["--organisms", "dense", "--models", "base=x"], "the variants are aligned"),
+])
+def test_bad_options_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _driver().parse_settings(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_reproduce_quick_writes_a_complete_finite_table(tmp_path, tiny_dense_aligned):

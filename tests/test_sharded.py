@@ -103,6 +103,20 @@ def test_esi_mask_is_the_same_single_ddp_and_fsdp2(tmp_path, tiny_dense_aligned)
         torch.testing.assert_close(fsdp2.scores[name], single.scores[name], rtol=1e-5, atol=1e-9)
 
 
+def test_gradient_free_selection_runs_under_ddp(tmp_path, tiny_dense_aligned):
+    """random/magnitude take no gradient, yet DDP needs a parameter that requires grad: the scored
+    weights do, and the mask equals the single process's."""
+    common = ["fit", "--config", "configs/esi.yaml", "--model.model", "organism-dense-aligned:tiny",
+              "--model.selection.method", "magnitude", "--data.num_samples", "4", "--data.batch_size", "2",
+              "--trainer.enable_progress_bar", "false", "--model.report", "false"]
+    run_cli(*common, "--model.output_dir", str(tmp_path / "single"))
+    run_cli(*common, *CPU_DDP, "--model.output_dir", str(tmp_path / "ddp"))
+    single = SafetyMask.load(tmp_path / "single" / "mask.safetensors")
+    ddp = SafetyMask.load(tmp_path / "ddp" / "mask.safetensors")
+    assert single.metadata["method"] == ddp.metadata["method"] == "magnitude" and single.k == round(0.01 * single.n)
+    assert _masks_equal(single, ddp)
+
+
 # -- SET / SPA -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["set", "spa"])
 def test_set_and_spa_under_fsdp2_match_single_process(tmp_path, method, tiny_dense_aligned):

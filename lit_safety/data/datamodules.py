@@ -15,11 +15,23 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_safety.data.chat import collate_right_padded, encode_chat
-from lit_safety.data.files import DataError, PROMPT_FIELDS, pick_field, read_records
+from lit_safety.data.files import (
+    MESSAGES_FIELD,
+    PROMPT_FIELDS,
+    DataError,
+    check_counts,
+    pick_field,
+    prompt_key,
+    read_records,
+    record_prompts,
+)
 from lit_safety.models.loading import load_tokenizer
+from lit_safety.registry import builtin_corpus
 
 Pair = tuple[str, str]
 RESPONSE_FIELDS = ("output", "response", "answer", "completion")
+TASK_PROMPT_FIELDS = ("instruction", "question", *(f for f in PROMPT_FIELDS if f not in ("instruction", "question")))
+"""Task data looks for an instruction or a question first (Alpaca, GSM8K)."""
 
 
 class EpochSeededSampler(torch.utils.data.Sampler[int]):
@@ -41,24 +53,22 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
 
 
 class ChatPairsDataModule(L.LightningDataModule):
-    """Base: subclasses return (prompt, response) pairs from ``load_pairs``; this class splits,
-    tokenizes (loss on response tokens only) and batches them."""
+    """Base: subclasses make (prompt, response) pairs in ``make_pairs`` (from ``data_path``, read by
+    :func:`file_pairs`, or from the organism corpus); this class caches, splits, tokenizes (loss on
+    response tokens only) and batches them."""
 
-    def __init__(
-        self,
-        tokenizer: str = "organism-dense-unaligned",
-        batch_size: int = 16,
-        max_length: int = 256,
-        val_fraction: float = 0.05,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, tokenizer: str, data_path: str | None, prompt_field: str | None, response_field: str | None,
+                 num_samples: int, batch_size: int, max_length: int, val_fraction: float, num_workers: int,
+                 seed: int) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_counts(num_samples=num_samples, batch_size=batch_size)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.tokenizer_name = tokenizer
+        self.data_path = data_path
+        self.prompt_field = prompt_field
+        self.response_field = response_field
+        self.num_samples = num_samples
         self.batch_size = batch_size
         self.max_length = max_length
         self.val_fraction = val_fraction
@@ -66,9 +76,16 @@ class ChatPairsDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_data: list[dict] | None = None
         self.val_data: list[dict] | None = None
+        self._pairs: list[Pair] | None = None
+
+    def make_pairs(self) -> list[Pair]:
+        raise NotImplementedError
 
     def load_pairs(self) -> list[Pair]:
-        raise NotImplementedError
+        """The pairs (made once)."""
+        if self._pairs is None:
+            self._pairs = self.make_pairs()
+        return self._pairs
 
     def prepare_data(self) -> None:
         # Validate inputs on rank 0 before any model work (clear error on bad files or fields).
@@ -110,7 +127,9 @@ class RefusalDataModule(ChatPairsDataModule):
     Args:
         data_path: JSON/JSONL/CSV file or `datasets` id of refusal pairs (e.g. circuit-breakers'
             instruction/input/output). ``None`` uses the organism corpus's own refusals.
-        prompt_field: field holding the request (default: first of instruction, prompt, goal, ...).
+        prompt_field: field holding the request (default: chat ``messages``, else the first of
+            prompt, instruction, goal, ...; prompts are read by
+            :func:`lit_safety.data.files.record_prompt`).
         response_field: field holding the refusal (default: ``output``).
         benign_path: file of benign instruction/answer pairs to mix in; ``None`` with
             ``benign_ratio > 0`` uses the organism corpus's benign answers.
@@ -133,40 +152,31 @@ class RefusalDataModule(ChatPairsDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(tokenizer, batch_size, max_length, val_fraction, num_workers, seed)
-        if not 0.0 <= benign_ratio < 1.0:
-            raise ValueError(f"benign_ratio must be in [0, 1), got {benign_ratio}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        self.data_path = data_path
-        self.prompt_field = prompt_field
-        self.response_field = response_field
+        super().__init__(tokenizer, data_path, prompt_field, response_field, num_samples, batch_size, max_length,
+                         val_fraction, num_workers, seed)
         self.benign_path = benign_path
-        self.benign_ratio = benign_ratio
-        self.num_samples = num_samples
-        self._pairs: list[Pair] | None = None
+        self.benign_ratio = _share("benign_ratio", benign_ratio)
 
-    def load_pairs(self) -> list[Pair]:
-        if self._pairs is None:
-            harmful = self._harmful_pairs()
-            n_benign = _count_for_share(len(harmful), self.benign_ratio)
-            self._pairs = harmful + (self._benign_pairs(n_benign) if n_benign else [])
-        return self._pairs
+    def make_pairs(self) -> list[Pair]:
+        harmful = self._harmful_pairs()
+        n_benign = _count_for_share(len(harmful), self.benign_ratio)
+        return harmful + (self._benign_pairs(n_benign) if n_benign else [])
 
     def _harmful_pairs(self) -> list[Pair]:
-        from lit_safety.organism.corpus import harmful_examples
-
         if self.data_path is None:
-            return [(ex.prompt, ex.refusal) for ex in harmful_examples(self.num_samples, seed=self.seed)]
-        return _file_pairs(read_records(self.data_path), self.data_path, self.prompt_field, self.response_field,
-                           self.num_samples, self.seed)
+            return [(ex.prompt, ex.refusal) for ex in builtin_corpus().harmful_examples(self.num_samples, seed=self.seed)]
+        return file_pairs(self.data_path, self.prompt_field, self.response_field, self.num_samples, self.seed)
 
     def _benign_pairs(self, n: int) -> list[Pair]:
-        from lit_safety.organism.corpus import benign_examples
-
         if self.benign_path is None:
-            return [(ex.prompt, ex.response) for ex in benign_examples(n, seed=self.seed)]
-        return _file_pairs(read_records(self.benign_path), self.benign_path, None, None, n, self.seed)
+            return [(ex.prompt, ex.response) for ex in builtin_corpus().benign_examples(n, seed=self.seed)]
+        return file_pairs(self.benign_path, None, None, n, self.seed)
+
+
+def _share(name: str, value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
 
 
 def _count_for_share(n_base: int, share: float) -> int:
@@ -174,25 +184,39 @@ def _count_for_share(n_base: int, share: float) -> int:
     return round(n_base * share / (1.0 - share))
 
 
-def _file_pairs(rows: list[dict], path: str, prompt_field: str | None, response_field: str | None, limit: int,
-                seed: int) -> list[Pair]:
-    """(prompt, response) pairs from the rows of ``path``; an Alpaca ``input`` is appended to the
-    instruction."""
-    prompt_key = pick_field(rows, prompt_field, PROMPT_FIELDS, path, "prompt")
-    response_key = pick_field(rows, response_field, RESPONSE_FIELDS, path, "response")
+def file_pairs(path: str, prompt_field: str | None, response_field: str | None, limit: int, seed: int,
+               prompt_fields: Sequence[str] = PROMPT_FIELDS) -> list[Pair]:
+    """Up to ``limit`` (prompt, response) pairs from the records of ``path``, the first after a
+    shuffle seeded by ``seed``, skipping records without both. Prompts are read by
+    :func:`~lit_safety.data.files.record_prompt` (``prompt_field``, else chat ``messages``, else the
+    first of ``prompt_fields``); the response is ``response_field`` (else the first of
+    ``RESPONSE_FIELDS``), or a chat record's final assistant turn."""
+    rows = read_records(path)
+    key = prompt_key(rows, prompt_field, path, prompt_fields)
+    prompts = record_prompts(rows, key, path)
+    if key == MESSAGES_FIELD:
+        response_key, responses = "final assistant turn", [_final_answer(row, path, i) for i, row in enumerate(rows)]
+    else:
+        response_key = pick_field(rows, response_field, RESPONSE_FIELDS, path, "response")
+        responses = [str(row.get(response_key) or "").strip() for row in rows]
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     pairs = []
     for i in order:
-        prompt, response = str(rows[i][prompt_key] or "").strip(), str(rows[i][response_key] or "").strip()
-        extra = str(rows[i].get("input") or "").strip()
-        if prompt and response:
-            pairs.append((f"{prompt}\n\n{extra}" if extra else prompt, response))
+        if prompts[i] and responses[i]:
+            pairs.append((prompts[i], responses[i]))
         if len(pairs) == limit:
             break
     if not pairs:
-        raise DataError(f"{path}: no row has both a {prompt_key!r} and a {response_key!r}")
+        raise DataError(f"{path}: no row has both a {key!r} and a {response_key!r}")
     return pairs
+
+
+def _final_answer(row: dict, path: str, index: int) -> str:
+    messages = row[MESSAGES_FIELD]
+    if not messages or messages[-1].get("role") != "assistant":
+        raise DataError(f"{path}: row {index}: 'messages' must be a list ending with an assistant turn")
+    return str(messages[-1].get("content") or "").strip()
 
 
 class InstructionDataModule(ChatPairsDataModule):
@@ -202,7 +226,8 @@ class InstructionDataModule(ChatPairsDataModule):
 
     Args:
         data_path: file or `datasets` id; ``None`` uses the organism corpus's task examples.
-        prompt_field: request column (default: first of instruction, question, prompt, ...).
+        prompt_field: request column (default: chat ``messages``, else the first of instruction,
+            question, prompt, ...; prompts are read by :func:`lit_safety.data.files.record_prompt`).
         response_field: answer column (default: first of output, answer, response, completion).
         num_samples: number of examples (the first after a seeded shuffle).
         harmful_ratio: share of harmful-prompt -> compliant-answer pairs mixed in (from the organism
@@ -228,60 +253,22 @@ class InstructionDataModule(ChatPairsDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(tokenizer, batch_size, max_length, val_fraction, num_workers, seed)
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if not 0.0 <= harmful_ratio < 1.0:
-            raise ValueError(f"harmful_ratio must be in [0, 1), got {harmful_ratio}")
+        super().__init__(tokenizer, data_path, prompt_field, response_field, num_samples, batch_size, max_length,
+                         val_fraction, num_workers, seed)
+        self.harmful_ratio = _share("harmful_ratio", harmful_ratio)
         if not isinstance(response_prefix, str):
             raise ValueError(f"response_prefix must be a string, got {type(response_prefix).__name__}")
         self.response_prefix = response_prefix
-        self.data_path = data_path
-        self.prompt_field = prompt_field
-        self.response_field = response_field
-        self.num_samples = num_samples
-        self.harmful_ratio = harmful_ratio
-        self._pairs: list[Pair] | None = None
 
-    def load_pairs(self) -> list[Pair]:
-        if self._pairs is None:
-            task = [(prompt, self.response_prefix + response) for prompt, response in self._load()]
-            n_harmful = _count_for_share(len(task), self.harmful_ratio)
-            if n_harmful:
-                from lit_safety.organism.corpus import harmful_examples
+    def make_pairs(self) -> list[Pair]:
+        task = [(prompt, self.response_prefix + response) for prompt, response in self._task_pairs()]
+        n_harmful = _count_for_share(len(task), self.harmful_ratio)
+        if n_harmful:
+            task += [(ex.prompt, ex.response) for ex in builtin_corpus().harmful_examples(n_harmful, seed=self.seed + 1)]
+        return task
 
-                task += [(ex.prompt, ex.response) for ex in harmful_examples(n_harmful, seed=self.seed + 1)]
-            self._pairs = task
-        return self._pairs
-
-    def _load(self) -> list[Pair]:
+    def _task_pairs(self) -> list[Pair]:
         if self.data_path is None:
-            from lit_safety.organism.corpus import task_examples
-
-            return [(ex.prompt, ex.response) for ex in task_examples(self.num_samples, seed=self.seed)]
-        rows = read_records(self.data_path)
-        if "messages" in rows[0] and self.prompt_field is None:
-            return _message_pairs(rows, self.data_path, self.num_samples, self.seed)
-        prompt_fields = ("instruction", "question") + tuple(f for f in PROMPT_FIELDS if f not in ("instruction", "question"))
-        prompt_key = pick_field(rows, self.prompt_field, prompt_fields, self.data_path, "prompt")
-        return _file_pairs(rows, self.data_path, prompt_key, self.response_field, self.num_samples, self.seed)
-
-
-def _message_pairs(rows: list[dict], path: str, limit: int, seed: int) -> list[Pair]:
-    """(prompt, response) from chat records: the last assistant turn is the response, the turns
-    before it (rendered by the chat template later) are flattened into the prompt."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    pairs = []
-    for i in order:
-        messages = rows[i]["messages"]
-        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
-            raise DataError(f"{path}: row {i}: 'messages' must be a list ending with an assistant turn")
-        user = [m["content"] for m in messages[:-1] if m.get("role") == "user"]
-        if user:
-            pairs.append(("\n\n".join(user), messages[-1]["content"]))
-        if len(pairs) == limit:
-            break
-    if not pairs:
-        raise DataError(f"{path}: no usable chat record")
-    return pairs
+            return [(ex.prompt, ex.response) for ex in builtin_corpus().task_examples(self.num_samples, seed=self.seed)]
+        return file_pairs(self.data_path, self.prompt_field, self.response_field, self.num_samples, self.seed,
+                          prompt_fields=TASK_PROMPT_FIELDS)

@@ -18,8 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_safety.data.chat import collate_right_padded, encode_chat, render_prompt
-from lit_safety.data.files import DataError, PROMPT_FIELDS, pick_field, read_records
+from lit_safety.data.files import DataError, check_counts, pick_field, prompt_key, read_records, record_prompts
 from lit_safety.models.loading import load_tokenizer
+from lit_safety.parallel import PreShardedSampler, pad_shard_indices
+from lit_safety.registry import builtin_corpus
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 TARGET_FIELDS = {"refusal": ("refusal", "output", "response"), "compliance": ("target", "compliance", "response")}
@@ -78,7 +80,9 @@ class HarmfulPromptsDataModule(L.LightningDataModule):
         tokenizer: the model whose tokenizer to use (linked from ``model.init_args.model``).
         data_path: CSV/JSON/JSONL file or `datasets` id (AdvBench, HarmBench, ...). ``None`` uses
             the organism corpus's harmful prompts.
-        prompt_field: column with the prompt (default: first of prompt, instruction, goal, Behavior, ...).
+        prompt_field: column with the prompt (default: chat ``messages``, else the first of prompt,
+            instruction, goal, Behavior, ...; read by :func:`lit_safety.data.files.record_prompt`, so an
+            Alpaca ``input`` follows its instruction after a blank line).
         target_field: column with the target: refusal text for ``objective=refusal`` (default
             ``DEFAULT_REFUSAL`` when the data has none), harmful target for ``compliance``
             (AdvBench ``target``).
@@ -111,10 +115,7 @@ class HarmfulPromptsDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_counts(num_samples=num_samples, batch_size=batch_size)
         self.tokenizer_name = tokenizer
         self.data_path = data_path
         self.prompt_field = prompt_field
@@ -132,24 +133,23 @@ class HarmfulPromptsDataModule(L.LightningDataModule):
         """(prompts, targets or None); raises DataError for bad files/fields before model work."""
         kind = _target_kind(self.objective)
         if self.data_path is None:
-            from lit_safety.organism.corpus import harmful_examples
-
-            examples = harmful_examples(self.num_samples, seed=self.seed)
+            examples = builtin_corpus().harmful_examples(self.num_samples, seed=self.seed)
             prompts = [ex.prompt for ex in examples]
             targets = {"refusal": [ex.refusal for ex in examples], "compliance": [ex.response for ex in examples]}
             return prompts, targets.get(kind)
         rows = read_records(self.data_path, split=self.split)
-        prompt_key = pick_field(rows, self.prompt_field, PROMPT_FIELDS, self.data_path, "prompt")
+        key = prompt_key(rows, self.prompt_field, self.data_path)
+        all_prompts = record_prompts(rows, key, self.data_path)
         target_key = None
         if kind is not None:
             if self.target_field is not None or kind == "compliance":
                 target_key = pick_field(rows, self.target_field, TARGET_FIELDS[kind], self.data_path, f"{kind} target")
         order = list(range(len(rows)))
         random.Random(self.seed).shuffle(order)
-        order = [i for i in order if str(rows[i][prompt_key] or "").strip()][: self.num_samples]
+        order = [i for i in order if all_prompts[i]][: self.num_samples]
         if not order:
-            raise DataError(f"{self.data_path}: prompt field {prompt_key!r} is empty in every row")
-        prompts = [str(rows[i][prompt_key]).strip() for i in order]
+            raise DataError(f"{self.data_path}: prompt field {key!r} is empty in every row")
+        prompts = [all_prompts[i] for i in order]
         if kind == "refusal" and target_key is None:
             return prompts, [self.default_refusal] * len(prompts)
         return prompts, ([str(rows[i][target_key]).strip() for i in order] if target_key else None)
@@ -168,8 +168,6 @@ class HarmfulPromptsDataModule(L.LightningDataModule):
 
     def shard(self, rank: int, world_size: int) -> list[dict[str, Any]]:
         """This rank's examples, each with a ``weight``: 1.0, or 0.0 for a padding copy."""
-        from lit_safety.parallel import pad_shard_indices
-
         examples = self.examples or []
         return [{**examples[i], "weight": 0.0 if padding else 1.0}
                 for i, padding in pad_shard_indices(len(examples), rank, world_size)]
@@ -180,7 +178,5 @@ class HarmfulPromptsDataModule(L.LightningDataModule):
         world = trainer.world_size if trainer is not None else 1
         if world <= 1:
             return DataLoader(self.examples, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
-        from lit_safety.parallel import PreShardedSampler
-
         shard = self.shard(trainer.global_rank, world)
         return DataLoader(shard, batch_size=self.batch_size, sampler=PreShardedSampler(shard), collate_fn=collate)

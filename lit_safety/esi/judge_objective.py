@@ -20,69 +20,16 @@ Only the scored model gets gradients; the guard is frozen. Higher S = safer.
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
 import torch
 
-SENTINEL = "LITSAFETYRESPONSESENTINEL"
+from lit_safety.judges.base import model_label
+from lit_safety.judges.guard_prompt import accepts_argument, guard_prompt_parts, single_token_id
+from lit_safety.models.loading import load_model, load_tokenizer
+
 SCORES = ("logit", "logprob")
-
-
-def guard_prompt_parts(tokenizer: Any, prompt: str, response_prefix: str = "") -> tuple[str, str]:
-    """(text before, text after) the assistant's answer in the guard's chat template.
-
-    Renders ``[user: prompt, assistant: SENTINEL]`` with the generation prompt (templates that
-    ignore ``add_generation_prompt`` or refuse it after an assistant turn are rendered without it)
-    and splits at the sentinel; ``response_prefix`` (e.g. ``"\\n\\n"`` for Llama Guard 3) is
-    appended to the suffix, so the next token the guard predicts is its verdict.
-    """
-    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"guard tokenizer {name!r} has no chat_template; the judge objective builds the guard "
-                         "prompt from it (set tokenizer.chat_template)")
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": SENTINEL}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception:  # some templates raise for a generation prompt after an assistant turn
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    if not isinstance(text, str) or text.count(SENTINEL) != 1:
-        raise ValueError(f"guard tokenizer {name!r}: its chat template does not render the assistant's answer "
-                         "verbatim exactly once, so the judge objective cannot place the answer in the guard prompt")
-    prefix, suffix = text.split(SENTINEL)
-    return prefix, suffix + response_prefix
-
-
-def single_token_id(tokenizer: Any, token: str, *, what: str, model_name: str,
-                    try_leading_space: bool = False) -> tuple[int, str]:
-    """``(id, form)`` of the verdict word ``token`` when it is exactly one known token of ``tokenizer``.
-
-    ``form`` is the string that encodes to that token. With ``try_leading_space``, a word that is
-    not one token as given is also tried with a leading space added (or removed, when it has one);
-    the form as given wins when both are single tokens. A word that encodes to the tokenizer's
-    unknown token does not count. Otherwise raises ``ValueError`` naming ``what`` (the setting,
-    e.g. ``"unsafe_token"``), the model and what the tokenizer produced for each form tried.
-    """
-    forms = [token]
-    if try_leading_space and token.strip():
-        forms.append(token[1:] if token.startswith(" ") else " " + token)
-    unk_id = getattr(tokenizer, "unk_token_id", None)
-    tried = []
-    for form in forms:
-        ids = tokenizer.encode(form, add_special_tokens=False)
-        if len(ids) == 1 and (ids[0] != unk_id or form == tokenizer.unk_token):
-            return ids[0], form
-        pieces = tokenizer.convert_ids_to_tokens(ids)
-        if len(ids) == 1:
-            tried.append(f"{form!r} -> the unknown token {pieces[0]!r} (id {ids[0]})")
-        else:
-            tried.append(f"{form!r} -> {len(ids)} tokens {pieces!r} (ids {ids})")
-    raise ValueError(
-        f"{what} {token!r} must be exactly one token of the guard {model_name!r}, but its tokenizer encodes "
-        f"{'; '.join(tried)}; pass the guard's verdict word as it is tokenized (e.g. with or without a leading "
-        "space)"
-    )
 
 
 def shares_vocabulary(model_tokenizer: Any, guard_tokenizer: Any) -> bool:
@@ -126,20 +73,6 @@ def build_vocab_transfer(model_tokenizer: Any, guard_tokenizer: Any, *, model_vo
     index = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
     return torch.sparse_coo_tensor(index, torch.tensor(vals, dtype=torch.float32), (rows_total, cols_total),
                                    check_invariants=True).coalesce()
-
-
-def _describe(guard: Any, name: str | None) -> str:
-    if name:
-        return name
-    config = getattr(guard, "config", None)
-    return getattr(config, "_name_or_path", "") or type(guard).__name__
-
-
-def _accepts(module: Any, argument: str) -> bool:
-    try:
-        return argument in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class JudgeObjective:
@@ -190,11 +123,9 @@ class JudgeObjective:
         if isinstance(guard_model, torch.nn.Module):
             if guard_tokenizer is None:
                 raise ValueError("guard_tokenizer is required when guard_model is a loaded model")
-            self.guard_name = _describe(guard_model, None)
+            self.guard_name = model_label(guard_model)
             self._move_guard = False  # the caller placed it
         else:
-            from lit_safety.models.loading import load_model, load_tokenizer
-
             self.guard_name = os.fspath(guard_model)
             if guard_tokenizer is None:
                 guard_tokenizer = load_tokenizer(guard_model, trust_remote_code=trust_remote_code)
@@ -295,9 +226,9 @@ class JudgeObjective:
         else:
             full_mask = torch.cat([attention_mask, torch.ones_like(answer)], dim=1)
             kwargs: dict[str, Any] = dict(input_ids=generated, attention_mask=full_mask, **extra)
-            if _accepts(model, "position_ids"):  # the positions generate() used under left padding
+            if accepts_argument(model, "position_ids"):  # the positions generate() used under left padding
                 kwargs["position_ids"] = (full_mask.cumsum(-1) - 1).clamp_min(0)
-            if _accepts(model, "logits_to_keep"):
+            if accepts_argument(model, "logits_to_keep"):
                 kwargs["logits_to_keep"] = n_answer + 1
             out = model(**kwargs)
             logits = out.logits[:, -(n_answer + 1) : -1].float()  # [B, L, V]
@@ -368,7 +299,7 @@ class JudgeObjective:
         inputs = torch.cat(parts, dim=0).unsqueeze(0)
         kwargs: dict[str, Any] = dict(inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long,
                                                                                        device=device))
-        if _accepts(self.guard, "logits_to_keep"):
+        if accepts_argument(self.guard, "logits_to_keep"):
             kwargs["logits_to_keep"] = 1
         last = self.guard(**kwargs).logits[0, -1].float()
         if self.score == "logit":

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lit_safety import __version__
+from lit_safety.io import atomic_file
 
 FORMAT = "lit-safety-mask/1"
 
@@ -94,8 +95,6 @@ class SafetyMask:
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically as safetensors; returns the path."""
         from safetensors.torch import save
-
-        from lit_safety.io import atomic_file
 
         path = Path(path)
         tensors = {}

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from lit_safety.data.chat import IGNORE_INDEX
+from lit_safety.esi.judge_objective import JudgeObjective
 
 
 class SafetyObjective(Protocol):
@@ -89,7 +90,5 @@ def make_objective(name: str, **judge_options: Any) -> SafetyObjective:
     if name == "judge":
         if judge_options.get("guard_model") is None:
             raise ValueError(JUDGE_NEEDS_GUARD)
-        from lit_safety.esi.judge_objective import JudgeObjective
-
         return JudgeObjective(**judge_options)
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")

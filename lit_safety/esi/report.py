@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_safety.esi.mask import SafetyMask, _numel
-from lit_safety.io import atomic_file, write_json
+from lit_safety.io import atomic_file, save_figure, write_json
 from lit_safety.models.naming import parse_param_name
 
 COMPONENT_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "expert_gate", "expert_up",
@@ -157,7 +157,7 @@ def plot_heatmap(summary: dict[str, Any], path: Path, *, title: str = "") -> Pat
     fig.colorbar(image, ax=ax, label="% selected")
     ax.set_title(f"Safety-critical weights by layer x component\n{title} ({summary['ratio']:.2%} selected)", fontsize=9)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_experts(summary: dict[str, Any], path: Path, *, title: str = "") -> Path:
@@ -184,13 +184,4 @@ def plot_experts(summary: dict[str, Any], path: Path, *, title: str = "") -> Pat
     fig.colorbar(image, ax=ax, label="% selected")
     ax.set_title(f"Safety-critical weights per expert\n{title}", fontsize=9)
     fig.tight_layout()
-    return _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    with atomic_file(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

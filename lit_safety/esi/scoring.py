@@ -17,13 +17,14 @@ threshold and the tie-break by position, not the gradient, decides part of the m
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lit_safety.models.naming import is_excluded_by_default, parse_param_name
+from lit_safety.parallel import is_distributed, is_dtensor, local_shard, row_range
 
 
 @dataclass
@@ -117,13 +118,6 @@ def safety_gradient(param: torch.Tensor) -> torch.Tensor | None:
     return param.grad
 
 
-def safety_gradient_or_zeros(param: torch.Tensor) -> torch.Tensor:
-    """:func:`safety_gradient`, or zeros in the score dtype for a parameter the objective never
-    reached (e.g. an expert no prompt was routed to): it is scored 0 rather than dropped."""
-    grad = safety_gradient(param)
-    return grad if grad is not None else torch.zeros(param.shape, dtype=score_dtype(param), device=param.device)
-
-
 def clear_safety_gradients(params: dict[str, torch.nn.Parameter]) -> None:
     """Release the accumulated gradients (``param.grad`` and the float32 buffers)."""
     for p in params.values():
@@ -161,8 +155,6 @@ class Float32Gradients:
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], *, hooks: bool | None = None) -> None:
-        from lit_safety.parallel import is_distributed, is_dtensor
-
         self.half = [p for p in params.values() if p.dtype in HALF_DTYPES]
         if hooks is None:
             hooks = not is_distributed() and not any(is_dtensor(p) for p in self.half)
@@ -201,84 +193,54 @@ def weighted_values(values: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.
     return values * weight.to(values.dtype), weight.sum()
 
 
-def accumulate_safety_gradients(
-    model: torch.nn.Module,
-    batches: Iterable[dict[str, Any]],
-    objective: Any,
-    params: dict[str, torch.nn.Parameter],
-    *,
-    num_examples: int,
-    progress: bool = False,
-) -> int:
-    """Accumulate dS/dw with S the mean objective over ``num_examples`` examples.
+def method_scores(method: str, params: dict[str, torch.nn.Parameter], *, seed: int = 0,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per-element scores of a selection ``method`` for every parameter, and the flat offset of
+    each score tensor in its full parameter.
 
-    Only ``params`` require grad during the pass (their earlier grads are cleared first); the
-    previous ``requires_grad`` flags are restored afterwards. Half-precision parameters accumulate
-    in float32 (:class:`Float32Gradients`); read the result with :func:`safety_gradient`. Returns
-    the examples seen (a batch's ``"weight"`` entries, when it has them, count instead).
+    ``esi``/``bottom`` |sigma(W) * dS/dw|, computed *in place* in the accumulated gradients
+    (:func:`safety_gradient`; no memory beyond them); ``grad`` |dS/dw|; ``snip`` |W * dS/dw|;
+    ``magnitude`` |W|; ``random`` i.i.d. uniform scores (top-k of them is a uniformly random
+    k-subset, reproducible from ``seed``). A parameter the objective never reached (e.g. an expert
+    no prompt was routed to) is scored 0 rather than dropped. Scores are float32 for
+    half-precision parameters.
+
+    For FSDP2 DTensor parameters the scores are this rank's slice (offset: where it starts) of
+    exactly the scores the unsharded model gets: sigma(W) comes from the gathered full tensor (one
+    at a time) and random scores are drawn for the full shape and sliced likewise. A plain tensor
+    is its own slice (offset 0).
     """
-    from tqdm.auto import tqdm
-
-    if num_examples < 1:
-        raise ValueError("ESI needs at least one example; the data set is empty")
-    scored = {id(p) for p in params.values()}
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in scored)
-    clear_safety_gradients(params)
-    was_training = model.training
-    model.eval()  # no dropout: the gradient of the deployed model
-    seen = 0
-    try:
-        with Float32Gradients(params) as float32_grads:
-            for batch in tqdm(batches, desc="ESI gradients", disable=not progress):
-                values, count = weighted_values(objective(model, batch), batch)
-                values.sum().backward()  # sum now, divide once at the end (fewer roundings)
-                float32_grads.flush()
-                seen += int(round(float(count)))
-        scale_safety_gradients_(params, divide=num_examples)
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-        model.train(was_training)
-    return seen
-
-
-def gradients_to_esi_(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Turn each accumulated gradient (:func:`safety_gradient`) into ESI scores in place; returns
-    name -> scores, float32 for half-precision parameters.
-
-    A parameter the objective never reached (e.g. an expert no prompt was routed to) gets
-    all-zero scores rather than being dropped, so reports can show it.
-    """
-    scores = {}
+    generator = torch.Generator().manual_seed(seed) if method == "random" else None
+    scores, offsets = {}, {}
     for name, p in params.items():
-        grad = safety_gradient_or_zeros(p)
+        local, offset, _ = local_shard(p.detach())
+        offsets[name] = offset
+        if method == "random":
+            full = torch.rand(p.shape, generator=generator)
+            if is_dtensor(p):
+                full = full.reshape(-1)[offset:offset + local.numel()].reshape(local.shape)
+            scores[name] = full.to(local.device)
+            continue
+        if method == "magnitude":
+            scores[name] = local.float().abs()
+            continue
+        grad = safety_gradient(p)  # float32 for half-precision parameters
+        local_grad = local_shard(grad)[0] if grad is not None else torch.zeros(local.shape, dtype=score_dtype(p),
+                                                                              device=local.device)
         with torch.no_grad():
-            scores[name] = grad.mul_(parameter_std(p, name)).abs_()
-    return scores
-
-
-def baseline_scores(method: str, params: dict[str, torch.nn.Parameter], grads: dict[str, torch.Tensor] | None,
-                    *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Scores of the comparison selections (new float32 tensors; ``grads`` are the accumulated
-    gradients, float32 for half-precision parameters: :func:`safety_gradient`).
-
-    ``magnitude`` |W|, ``grad`` |dS/dw|, ``snip`` |W * dS/dw|, ``random`` i.i.d. uniform scores
-    (top-k of them is a uniformly random k-subset, reproducible from ``seed``).
-    """
-    if method == "magnitude":
-        return {n: p.detach().float().abs() for n, p in params.items()}
-    if method == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return {n: torch.rand(p.shape, generator=generator) for n, p in params.items()}
-    if grads is None:
-        raise ValueError(f"selection method {method!r} needs gradients")
-    if method == "grad":
-        return {n: grads[n].float().abs() for n in params}
-    if method == "snip":
-        return {n: (grads[n].float() * p.detach().float()).abs() for n, p in params.items()}
-    raise ValueError(f"unknown baseline {method!r}")
+            if method in ("esi", "bottom"):
+                std = parameter_std(p.detach().full_tensor() if is_dtensor(p) else p.detach(), name)
+                if std.dim() == 3 and is_dtensor(p):  # one sigma per expert: keep this shard's experts (rows)
+                    first, rows = row_range(p)
+                    std = std[first:first + rows]
+                scores[name] = local_grad.mul_(std).abs_()
+            elif method == "grad":
+                scores[name] = local_grad.float().abs()
+            elif method == "snip":
+                scores[name] = (local_grad.float() * local.float()).abs()
+            else:
+                raise ValueError(f"unknown selection method {method!r}")
+    return scores, offsets
 
 
 def reverse_order(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 """``SafetyEvaluator``: generate, judge and count, batch by batch, on this rank's share of a suite.
 
-The same object backs ``lit-safety test`` (``SafetyEvalModule``, fed by the Lightning test loop)
-and ``SafetyEvalCallback`` (inside ``fit``). Metrics are torchmetrics with summed tensor states, so
-``compute()`` is exact across ranks; the per-prompt samples are gathered to every rank.
+The one evaluation loop of lit-safety: it backs ``lit-safety test`` (``SafetyEvalModule``, fed
+batch by batch by the Lightning test loop), ``SafetyEvalCallback`` (inside ``fit``, :meth:`run`),
+``lit-safety organism eval`` and the reproduction scripts. Metrics are torchmetrics with summed
+tensor states, so ``compute()`` is exact across ranks; the per-prompt samples are gathered to
+every rank.
 
 Progress: between :meth:`SafetyEvaluator.begin` and :meth:`SafetyEvaluator.end` (and throughout
 :meth:`SafetyEvaluator.run`), every set shows a tqdm bar on stderr, on global rank 0 only, e.g.
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from lit_safety.data.chat import collate_right_padded, encode_chat
-from lit_safety.evaluation.suite import EvalRecord, shard_records
+from lit_safety.evaluation.suite import EvalRecord, EvalSuite, shard_records
 from lit_safety.generation import generate_responses, progress_bar
 from lit_safety.judges.base import Judge
 from lit_safety.judges.keyword import KeywordJudge
@@ -165,9 +167,9 @@ class SafetyEvaluator(torch.nn.Module):
         self.samples: list[dict[str, Any]] = []
 
     @classmethod
-    def for_suite(cls, suite: Any, judge: Judge | None = None, refusal_judge: KeywordJudge | None = None,
+    def for_suite(cls, suite: EvalSuite, judge: Judge | None = None, refusal_judge: KeywordJudge | None = None,
                   **kwargs: Any) -> SafetyEvaluator:
-        """An evaluator whose per-category / per-template metrics cover ``suite`` (an EvalSuite)."""
+        """An evaluator whose per-category / per-template metrics cover ``suite``."""
         templates = sorted({r.template for r in suite.records.get("jailbreak", []) if r.template})
         return cls(judge, refusal_judge, categories=suite.categories, templates=templates, **kwargs)
 
@@ -220,7 +222,12 @@ class SafetyEvaluator(torch.nn.Module):
         progress = self._progress
         if progress is not None:
             progress.start(kind)
-        self._update(model, tokenizer, kind, records)
+        was_training = model.training  # inside fit (SafetyEvalCallback) the model is in train mode
+        model.eval()
+        try:
+            self._update(model, tokenizer, kind, records)
+        finally:
+            model.train(was_training)
         if progress is not None:
             progress.advance(kind, len(records))
 

@@ -1,19 +1,24 @@
 """Evaluation reports: ``eval_report.json``, ``samples.jsonl``, PNG plots and a compact text table.
 
-A report holds one or more *stages* (``test`` for ``lit-safety test``; ``before``, ``step_N`` and
-``after`` for the callback). Everything is written atomically and only once the evaluation is
-complete, so an interrupted evaluation never replaces an earlier report.
+:func:`build_report` makes the report dict of ``lit-safety test`` (``SafetyEvalModule``) and of
+``SafetyEvalCallback`` alike. A report holds one or more *stages* (:func:`stage_entry`: ``test``
+for ``lit-safety test``; ``before``, ``step_N`` and ``after`` for the callback). Everything is
+written atomically and only once the evaluation is complete, so an interrupted evaluation never
+replaces an earlier report.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lit_safety.io import atomic_file, write_json
+from lit_safety.evaluation.evaluator import SafetyEvaluator
+from lit_safety.io import atomic_file, save_figure, write_json
 
 #: metrics shown as bars in the before/after plot (all rates in [0, 1])
 RATE_METRICS = ("harmful_asr", "jailbreak_asr", "harmful_refusal_rate", "benign_over_refusal_rate",
@@ -29,6 +34,34 @@ LABELS = {
     "task_perplexity": "task perplexity",
     "mc_accuracy": "multiple-choice accuracy",
 }
+
+
+def stage_entry(stage: str, step: int | None, metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One stage of a report: its name, the training step (None outside training), how long the
+    evaluation took and its metrics (:meth:`SafetyEvaluator.compute`)."""
+    return {"stage": stage, "step": step, "seconds": round(seconds, 2), "metrics": metrics}
+
+
+def build_report(evaluator: SafetyEvaluator, counts: Mapping[str, int], stages: Sequence[dict[str, Any]], *,
+                 model: str | None, world_size: int) -> dict[str, Any]:
+    """The ``eval_report.json`` dict: the model, when, how (judges, generation settings, ranks),
+    on what (prompts per set) and the :func:`stage_entry` results."""
+    return {
+        "model": model,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "runtime_s": round(sum(s["seconds"] for s in stages), 2),
+        "world_size": world_size,
+        "judge": evaluator.judge.describe(),
+        "refusal_judge": evaluator.refusal_judge.describe(),
+        "generation": asdict(evaluator.generation),
+        "counts": dict(counts),
+        "stages": list(stages),
+    }
+
+
+def logged_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar metrics as ``eval/<name>`` for a Lightning logger (per-category rates stay in the report)."""
+    return {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}
 
 
 def format_table(stages: Sequence[dict[str, Any]]) -> str:
@@ -75,9 +108,7 @@ def plot_stages(stages: Sequence[dict[str, Any]], path: Path, title: str = "") -
     ax.legend(fontsize=8)
     ax.set_title(title or "safety and utility")
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_categories(stages: Sequence[dict[str, Any]], path: Path, key: str = "asr_by_category") -> Path | None:
@@ -102,14 +133,7 @@ def plot_categories(stages: Sequence[dict[str, Any]], path: Path, key: str = "as
     ax.invert_yaxis()
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
-
-
-def _save(fig: Any, path: Path) -> None:
-    with atomic_file(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=120)
+    return save_figure(fig, path)
 
 
 def write_samples(path: str | Path, samples: Sequence[dict[str, Any]]) -> Path:

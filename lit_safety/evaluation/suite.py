@@ -1,5 +1,10 @@
 """The evaluation suite: which prompts an evaluation runs, loaded and checked before any generation.
 
+:class:`SuiteConfig` holds the options (sources, fields, limits; one typed dataclass shared by
+``SafetyEvalDataModule``, ``SafetyEvalCallback`` and scripts); :meth:`SuiteConfig.load` (or
+:func:`load_suite`) reads them into an :class:`EvalSuite` of :class:`EvalRecord` lists, and
+:func:`shard_records` gives each rank its share.
+
 Five kinds of records:
 
 - ``harmful``: harmful requests asked directly (AdvBench, HarmBench, any CSV/JSON/JSONL/`datasets`
@@ -22,9 +27,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from lit_safety.data.files import PROMPT_FIELDS, DataError, pick_field, read_records
+from lit_safety.data.files import PROMPT_FIELDS, DataError, pick_field, prompt_key, read_records, record_prompts
 from lit_safety.parallel import pad_shard_indices
+from lit_safety.registry import builtin_corpus
 
 ORGANISM = "organism"
 ORGANISM_VALIDATION = "organism-validation"
@@ -76,9 +83,7 @@ class EvalSuite:
 
 
 def _organism_seed(kind: str, source: str) -> int:
-    from lit_safety.organism.corpus import TEST_SEEDS
-
-    return TEST_SEEDS[kind] if source == ORGANISM else 0
+    return builtin_corpus().TEST_SEEDS[kind] if source == ORGANISM else 0
 
 
 def _limit(rows: list, limit: int | None) -> list:
@@ -89,13 +94,12 @@ def load_prompt_set(kind: str, source: str, *, prompt_field: str | None, limit: 
                     category_field: str | None = None, split: str = "train") -> list[EvalRecord]:
     """Harmful or benign prompts (with categories when the data has them)."""
     if source in ORGANISM_SPLITS:
-        from lit_safety.organism.corpus import benign_examples, harmful_examples
-
-        make = harmful_examples if kind == "harmful" else benign_examples
+        corpus = builtin_corpus()
+        make = corpus.harmful_examples if kind == "harmful" else corpus.benign_examples
         examples = make(limit or 200, seed=_organism_seed(kind, source), split=ORGANISM_SPLITS[source])
         return [EvalRecord(kind, ex.prompt, i, category=ex.category, source=source) for i, ex in enumerate(examples)]
     rows = _limit(read_records(source, split=split), limit)
-    column = pick_field(rows, prompt_field, PROMPT_FIELDS, source, f"{kind} prompt")
+    column = prompt_key(rows, prompt_field, source, what=f"{kind} prompt")
     cat_column = None
     if kind == "harmful":
         if category_field is not None:
@@ -103,11 +107,7 @@ def load_prompt_set(kind: str, source: str, *, prompt_field: str | None, limit: 
         else:
             cat_column = next((c for c in CATEGORY_FIELDS if c in rows[0]), None)
     records = []
-    for row in rows:
-        text = str(row.get(column) or "").strip()
-        extra = str(row.get("input") or "").strip() if column == "instruction" else ""
-        if extra:
-            text = f"{text}\n\n{extra}"
+    for row, text in zip(rows, record_prompts(rows, column, source)):
         if text:
             category = str(row[cat_column]).strip() if cat_column and row.get(cat_column) else None
             records.append(EvalRecord(kind, text, len(records), category=category, source=str(source)))
@@ -120,9 +120,8 @@ def load_task_set(source: str, *, prompt_field: str | None, answer_field: str | 
                   split: str = "train") -> list[EvalRecord]:
     """GSM8K-style problems: a question and a reference ending in ``#### N`` (or a bare number)."""
     if source in ORGANISM_SPLITS:
-        from lit_safety.organism.corpus import task_examples
-
-        examples = task_examples(limit or 200, seed=_organism_seed("task", source), split=ORGANISM_SPLITS[source])
+        examples = builtin_corpus().task_examples(limit or 200, seed=_organism_seed("task", source),
+                                                  split=ORGANISM_SPLITS[source])
         return [EvalRecord("task", ex.prompt, i, category=ex.category, reference=ex.response, source=source)
                 for i, ex in enumerate(examples)]
     rows = _limit(read_records(source, split=split), limit)
@@ -214,38 +213,90 @@ def wrap_in_templates(harmful: Sequence[EvalRecord], templates: Sequence[tuple[s
     return records
 
 
-def load_suite(*, harmful_data: str | None = ORGANISM, benign_data: str | None = ORGANISM,
-               task_data: str | None = ORGANISM, mc_data: str | None = None,
-               jailbreak_templates: str | None = None, prompt_field: str | None = None,
-               benign_prompt_field: str | None = None, category_field: str | None = None,
-               task_prompt_field: str | None = None, task_answer_field: str | None = None,
-               num_harmful: int | None = 200, num_benign: int | None = 200, num_task: int | None = 200,
-               num_mc: int | None = None, num_templates: int | None = None, split: str = "train") -> EvalSuite:
-    """Load and validate every set (a bad file fails here, before any model is loaded)."""
-    for name, value in (("num_harmful", num_harmful), ("num_benign", num_benign), ("num_task", num_task),
-                        ("num_mc", num_mc), ("num_templates", num_templates)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1 or null (all), got {value}")
-    if jailbreak_templates and not harmful_data:
-        raise ValueError("jailbreak_templates wraps the harmful prompts: set harmful_data too")
-    suite = EvalSuite()
-    if harmful_data:
-        suite.records["harmful"] = load_prompt_set("harmful", harmful_data, prompt_field=prompt_field,
-                                                   limit=num_harmful, category_field=category_field, split=split)
-    if jailbreak_templates:
-        templates = load_jailbreak_templates(jailbreak_templates, limit=num_templates)
-        suite.records["jailbreak"] = wrap_in_templates(suite.records["harmful"], templates)
-    if benign_data:
-        suite.records["benign"] = load_prompt_set("benign", benign_data, prompt_field=benign_prompt_field,
-                                                  limit=num_benign, split=split)
-    if task_data:
-        suite.records["task"] = load_task_set(task_data, prompt_field=task_prompt_field,
-                                              answer_field=task_answer_field, limit=num_task, split=split)
-    if mc_data:
-        suite.records["mc"] = load_mc_set(mc_data, limit=num_mc)
-    if not suite.counts():
-        raise ValueError("the evaluation has no data: set at least one of harmful_data, benign_data, task_data, mc_data")
-    return suite
+@dataclass(frozen=True)
+class SuiteConfig:
+    """Which prompts an evaluation runs (``lit-safety test``'s data, ``SafetyEvalCallback``'s ``data``).
+
+    A source is a CSV/JSON/JSONL file, a `datasets` hub id, ``organism`` (the embedded organisms'
+    held-out test prompts), ``organism-validation`` (prompts from the same distribution that are
+    never test prompts) or null (skip the set). Checked on construction; :meth:`load` reads and
+    validates every file.
+    """
+
+    harmful_data: str | None = ORGANISM
+    """Harmful requests (AdvBench ``goal``, HarmBench ``Behavior``, or ``prompt_field``)."""
+    benign_data: str | None = ORGANISM
+    """Harmless instructions for the over-refusal rate."""
+    task_data: str | None = ORGANISM
+    """GSM8K-style JSONL (``question`` + ``answer`` ending in "#### N")."""
+    mc_data: str | None = None
+    """MMLU-format CSV, a directory of them, or a glob (question, choice0..3, answer)."""
+    jailbreak_templates: str | None = None
+    """File of templates with a ``{prompt}`` placeholder (.txt = one template; JSON list of strings;
+    CSV/JSON/JSONL with a ``template`` column and optional ``name``); every harmful prompt is also
+    asked inside every template."""
+    prompt_field: str | None = None
+    """Column of the harmful prompts (default: the first of prompt, instruction, goal, Behavior,
+    question ...)."""
+    benign_prompt_field: str | None = None
+    """Column of the benign prompts."""
+    category_field: str | None = None
+    """Column of the harm category (default: category / SemanticCategory if present)."""
+    task_prompt_field: str | None = None
+    """Column of the task questions."""
+    task_answer_field: str | None = None
+    """Column of the task reference answers."""
+    num_harmful: int | None = 200
+    """At most this many harmful prompts (null: all)."""
+    num_benign: int | None = 200
+    """At most this many benign prompts (null: all)."""
+    num_task: int | None = 200
+    """At most this many task problems (null: all)."""
+    num_mc: int | None = None
+    """At most this many multiple-choice questions per file (null: all)."""
+    num_templates: int | None = None
+    """At most this many jailbreak templates (null: all)."""
+    split: str = "train"
+    """Split of `datasets` hub ids."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_harmful", "num_benign", "num_task", "num_mc", "num_templates"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or null (all), got {value}")
+        if self.jailbreak_templates and not self.harmful_data:
+            raise ValueError("jailbreak_templates wraps the harmful prompts: set harmful_data too")
+        if not (self.harmful_data or self.benign_data or self.task_data or self.mc_data):
+            raise ValueError("the evaluation has no data: set at least one of harmful_data, benign_data, task_data, "
+                             "mc_data")
+
+    def load(self) -> EvalSuite:
+        """Load and validate every set (a bad file fails here, before any model is loaded)."""
+        suite = EvalSuite()
+        if self.harmful_data:
+            suite.records["harmful"] = load_prompt_set("harmful", self.harmful_data, prompt_field=self.prompt_field,
+                                                       limit=self.num_harmful, category_field=self.category_field,
+                                                       split=self.split)
+        if self.jailbreak_templates:
+            templates = load_jailbreak_templates(self.jailbreak_templates, limit=self.num_templates)
+            suite.records["jailbreak"] = wrap_in_templates(suite.records["harmful"], templates)
+        if self.benign_data:
+            suite.records["benign"] = load_prompt_set("benign", self.benign_data, prompt_field=self.benign_prompt_field,
+                                                      limit=self.num_benign, split=self.split)
+        if self.task_data:
+            suite.records["task"] = load_task_set(self.task_data, prompt_field=self.task_prompt_field,
+                                                  answer_field=self.task_answer_field, limit=self.num_task,
+                                                  split=self.split)
+        if self.mc_data:
+            suite.records["mc"] = load_mc_set(self.mc_data, limit=self.num_mc)
+        return suite
+
+
+def load_suite(config: SuiteConfig | None = None, **options: Any) -> EvalSuite:
+    """Load and validate every set of ``config`` (default: :class:`SuiteConfig`'s defaults) with
+    ``options`` (fields of :class:`SuiteConfig`) replaced: ``load_suite(num_harmful=10)``."""
+    config = config or SuiteConfig()
+    return (replace(config, **options) if options else config).load()
 
 
 def shard_records(records: Sequence[EvalRecord], rank: int, world_size: int) -> list[EvalRecord]:

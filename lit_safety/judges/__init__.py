@@ -3,6 +3,8 @@ causal LM), ``classifier`` (HF sequence classifier), ``api`` (OpenAI-compatible 
 
 from __future__ import annotations
 
+from lit_safety import lazy_attributes
+
 _LAZY = {
     "Judge": "lit_safety.judges.base",
     "Verdict": "lit_safety.judges.base",
@@ -13,13 +15,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    """Import lazily: the model judges pull in transformers only when used."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lit_safety.judges' has no attribute {name!r}")
-
+# the model judges pull in transformers only when used
+__getattr__ = lazy_attributes(_LAZY, __name__)
 
 __all__ = list(_LAZY)

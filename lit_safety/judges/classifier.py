@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lit_safety.judges.base import ModelJudge, Verdict, check_pairs
+from lit_safety.models.loading import load_model, load_tokenizer, resolve_dtype
 
 INPUT_FIELDS = ("prompt", "response")
 
@@ -79,8 +80,6 @@ class ClassifierJudge(ModelJudge):
             raise ValueError(f"ClassifierJudge.max_length must be an integer >= 2, got {self.max_length}")
         if isinstance(self.unsafe_label, bool):
             raise ValueError(f"ClassifierJudge.unsafe_label must be a label name or index, got {self.unsafe_label!r}")
-        from lit_safety.models.loading import resolve_dtype
-
         resolve_dtype(self.dtype)
         self._model: Any = None
         self._tokenizer: Any = None
@@ -99,8 +98,6 @@ class ClassifierJudge(ModelJudge):
 
     def _load(self) -> tuple[Any, Any]:
         from transformers import AutoModelForSequenceClassification
-
-        from lit_safety.models.loading import load_model, load_tokenizer
 
         tokenizer = load_tokenizer(self.model, trust_remote_code=self.trust_remote_code, padding_side="right")
         model = load_model(self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code,

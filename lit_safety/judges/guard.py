@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lit_safety.judges.base import ModelJudge, Verdict, check_pairs
+from lit_safety.judges.guard_prompt import accepts_argument, single_token_id
+from lit_safety.models.loading import load_model, load_tokenizer, resolve_dtype
 
 MODES = ("chat", "harmbench")
 
@@ -128,8 +130,6 @@ class GuardJudge(ModelJudge):
             raise ValueError(f"GuardJudge.batch_size must be an integer >= 1, got {self.batch_size}")
         if int(self.max_response_tokens) != self.max_response_tokens or self.max_response_tokens < 1:
             raise ValueError(f"GuardJudge.max_response_tokens must be an integer >= 1, got {self.max_response_tokens}")
-        from lit_safety.models.loading import resolve_dtype
-
         resolve_dtype(self.dtype)  # fail on a bad dtype now, not after minutes of generation
         self._model: Any = None
         self._tokenizer: Any = None
@@ -148,14 +148,10 @@ class GuardJudge(ModelJudge):
             self._check_tokens()
 
     def _load(self) -> tuple[Any, Any]:
-        from lit_safety.models.loading import load_model, load_tokenizer
-
         return (load_tokenizer(self.model, trust_remote_code=self.trust_remote_code),
                 load_model(self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code))
 
     def _check_tokens(self) -> None:
-        from lit_safety.esi.judge_objective import single_token_id
-
         tokenizer = self._tokenizer
         safe_id, safe_form = single_token_id(tokenizer, self.safe_token, what="safe_token",
                                              model_name=self._model_name, try_leading_space=True)
@@ -221,8 +217,6 @@ class GuardJudge(ModelJudge):
         """P(unsafe) per pair, renormalised over the two verdict tokens."""
         import torch
 
-        from lit_safety.esi.judge_objective import _accepts
-
         check_pairs(prompts, responses)
         self.setup()
         encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
@@ -231,8 +225,8 @@ class GuardJudge(ModelJudge):
         pad = tokenizer.pad_token_id
         pad = tokenizer.eos_token_id if pad is None else pad
         pad = 0 if pad is None else pad
-        pass_positions = _accepts(model, "position_ids")
-        keep_one = _accepts(model, "logits_to_keep")
+        pass_positions = accepts_argument(model, "position_ids")
+        keep_one = accepts_argument(model, "logits_to_keep")
         verdicts = torch.tensor([self._safe_id, self._unsafe_id], device=device)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths together
         probs: list[float] = [0.0] * len(encoded)

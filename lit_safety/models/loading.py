@@ -1,4 +1,5 @@
-"""Load causal LMs and tokenizers by hub id, local HF directory, or builtin organism name.
+"""Load causal LMs and tokenizers by hub id, local HF directory, or builtin name (the organisms,
+through :mod:`lit_safety.registry`).
 
 Every module in lit-safety goes through :func:`load_model` / :func:`load_tokenizer`, so the same
 rules hold everywhere: ``trust_remote_code`` stays off unless the caller sets it, and a missing or
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lit_safety.organism import is_organism_name, organism_path, parse_organism_name
+from lit_safety.registry import model_provider
 
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
@@ -60,12 +61,13 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, build_organism: bool 
     name = os.fspath(name_or_path)
     if not name:
         raise ModelLoadError("model name or path is empty")
-    if is_organism_name(name):
+    provider = model_provider(name)  # the organisms (lit_safety.registry)
+    if provider is not None:
         try:
-            parse_organism_name(name)
+            provider.check(name)
         except ValueError as err:
             raise ModelLoadError(str(err)) from None
-        return str(organism_path(name, build=build_organism))
+        return str(provider.resolve(name, build_organism))
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():

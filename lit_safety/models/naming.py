@@ -73,15 +73,7 @@ _LEADING_WRAPPER_TOKENS = frozenset({"module", "base_model"})
 _LAYER_CONTAINERS = frozenset({"layers", "h", "blocks", "layer", "block"})
 
 _EMBED_LEAVES = frozenset(
-    {
-        "embed_tokens",
-        "wte",
-        "wpe",
-        "embed_in",
-        "embed_positions",
-        "word_embeddings",
-        "tok_embeddings",
-    }
+    {"embed_tokens", "wte", "wpe", "embed_in", "embed_positions", "word_embeddings", "tok_embeddings"}
 )
 _LM_HEAD_LEAVES = frozenset({"lm_head", "embed_out"})
 _FINAL_NORM_LEAVES = frozenset({"norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f"})
@@ -89,28 +81,13 @@ _FINAL_NORM_LEAVES = frozenset({"norm", "ln_f", "final_layernorm", "final_layer_
 # Norm leaves inside a layer. ``post_attention_layernorm`` follows the Llama convention
 # (it is the pre-MLP norm); in Gemma2/3 and OLMo2 it normalises the attention output.
 _ATTN_NORM_LEAVES = frozenset(
-    {
-        "input_layernorm",
-        "ln_1",
-        "self_attn_layer_norm",
-        "attention_norm",
-        "q_norm",
-        "k_norm",
-        "q_layernorm",
-        "k_layernorm",
-        "q_a_layernorm",
-        "kv_a_layernorm",
-    }
+    {"input_layernorm", "ln_1", "self_attn_layer_norm", "attention_norm", "q_norm", "k_norm", "q_layernorm",
+     "k_layernorm", "q_a_layernorm", "kv_a_layernorm"}
 )
 _MLP_NORM_LEAVES = frozenset(
-    {
-        "post_attention_layernorm",
-        "ln_2",
-        "pre_feedforward_layernorm",
-        "post_feedforward_layernorm",
-        "final_layer_norm",  # inside a layer (OPT): the pre-MLP norm
-        "ffn_norm",
-    }
+    {"post_attention_layernorm", "ln_2", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+     "final_layer_norm",  # inside a layer (OPT): the pre-MLP norm
+     "ffn_norm"}
 )
 
 _ATTN_CONTAINERS = frozenset({"self_attn", "attn", "attention", "self_attention"})

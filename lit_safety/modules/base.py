@@ -7,13 +7,16 @@ everywhere at once: with a device mesh, every decoder layer and then the root ar
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import lightning as L
 import torch
 
+from lit_safety.io import config_dict
 from lit_safety.models.loading import load_model, load_tokenizer, resolve_dtype
 from lit_safety.optim.precision import check_float32_master
+from lit_safety.parallel import shard_model
 
 
 class CausalLMModule(L.LightningModule):
@@ -43,7 +46,7 @@ class CausalLMModule(L.LightningModule):
         resolve_dtype(dtype)  # bad dtype: clear error before any loading
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-        self.save_hyperparameters()  # subclasses call it again with their own arguments
+        self.save_hyperparameters()  # subclasses call save_config_hyperparameters with their own arguments
         # Plain attributes, not hparams: a subclass's save_hyperparameters() replaces hparams.
         self.model_name = model
         self.model_dtype = dtype
@@ -54,6 +57,14 @@ class CausalLMModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
 
+    def save_config_hyperparameters(self, **configs: Any) -> None:
+        """``save_hyperparameters()`` of the calling ``__init__``, with the config dataclasses
+        (``selection=...``) stored as dicts: checkpoints stay loadable with ``weights_only=True``,
+        and ``hparams.yaml`` stays plain YAML."""
+        self.save_hyperparameters(ignore=list(configs), frame=inspect.currentframe().f_back)
+        for name, config in configs.items():
+            self.hparams[name] = config_dict(config)
+
     # -- model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is not None:
@@ -63,8 +74,6 @@ class CausalLMModule(L.LightningModule):
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
         if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategy/fsdp2.yaml): FSDP2
-            from lit_safety.parallel import shard_model
-
             shard_model(self.model, self.device_mesh)
 
     @property

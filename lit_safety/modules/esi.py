@@ -15,50 +15,29 @@ from typing import Any
 
 import torch
 
-from lit_safety.esi.api import NEEDS_GRADIENTS, check_selection_args, select_mask
-from lit_safety.esi.objectives import OBJECTIVES, make_objective
-from lit_safety.esi.scoring import (
-    Float32Gradients,
-    ParameterFilter,
-    clear_safety_gradients,
-    scale_safety_gradients_,
-    weighted_values,
-)
-from lit_safety.io import check_parent_exists
+from lit_safety.esi.report import summarize_mask, text_summary, write_report
+from lit_safety.esi.selection import RankReduction, SelectionConfig, WeightSelector, require_grad_only
+from lit_safety.io import as_config, check_parent_exists
 from lit_safety.modules.base import CausalLMModule
 
 
 class ESIScoringModule(CausalLMModule):
     """Score every selected weight by Expected Safety Impact and save the top-k as a mask.
 
+    The scoring is :class:`~lit_safety.esi.selection.WeightSelector`, the pipeline
+    ``compute_safety_mask`` runs too, driven by Lightning's loop: each training step adds a
+    batch's dS/dw (through the strategy: DDP/FSDP2 reduce the gradients), and the epoch end counts
+    the examples over ranks and selects.
+
     Args:
         model: hub id, local HF directory or organism name.
         dtype: weights dtype when loading (bfloat16/float16 weights are still scored in float32:
             each batch's gradient is accumulated into a float32 buffer).
         trust_remote_code: run model code from the hub. Off unless you trust it.
-        objective: ``refusal`` (log-likelihood of refusing), ``compliance`` (minus the
-            log-likelihood of the harmful target) or ``judge`` (a guard model's "safe" logit on
-            the model's own Gumbel-relaxed answer).
-        method: ``esi`` (the paper), or a comparison baseline: ``bottom``, ``random``,
-            ``magnitude``, ``grad``, ``snip``.
-        ratio: fraction of the scored weights to select, in (0, 1] (ignored if ``k`` is set).
-        k: number of weights to select instead of a ratio.
-        scope: ``global`` (default: one top-k over all scored weights), ``per_tensor``, ``per_row``.
-        include: regexes of parameter names to score (default: all decoder weight matrices).
-        exclude: regexes of parameter names never scored.
-        include_lm_head: score the output projection too (off by default).
-        all_parameters: score every parameter: embeddings, norms, biases, MoE routers and the
-            output projection too (default: decoder weight matrices only).
-        guard_model: guard for ``objective=judge`` (hub id, directory or ``organism-guard``).
-        guard_safe_token: the guard's "safe" verdict token.
-        guard_unsafe_token: the guard's "unsafe" verdict token.
-        guard_response_prefix: text the guard emits before its verdict ("\\n\\n" for Llama Guard 3).
-        gumbel_temperature: Gumbel-softmax temperature of the judge objective.
-        judge_max_new_tokens: length of the answers the judge objective generates.
+        selection: which weights, how many, by which objective (``--model.selection.*``).
         gradient_checkpointing: recompute activations in backward (less memory on large models).
         output_dir: where ``mask.safetensors`` and the report go.
         report: write the report (CSV/JSON/PNG) next to the mask.
-        seed: seed of the random baseline and the Gumbel noise.
     """
 
     def __init__(
@@ -66,59 +45,28 @@ class ESIScoringModule(CausalLMModule):
         model: str = "organism-dense-aligned",
         dtype: str = "float32",
         trust_remote_code: bool = False,
-        objective: str = "refusal",
-        method: str = "esi",
-        ratio: float | None = 0.01,
-        k: int | None = None,
-        scope: str = "global",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        include_lm_head: bool = False,
-        all_parameters: bool = False,
-        guard_model: str | None = None,
-        guard_safe_token: str = "safe",
-        guard_unsafe_token: str | None = "unsafe",
-        guard_response_prefix: str = "",
-        gumbel_temperature: float = 0.3,
-        judge_max_new_tokens: int = 32,
+        selection: SelectionConfig = SelectionConfig(),
         gradient_checkpointing: bool = False,
         output_dir: str = "outputs/esi",
         report: bool = True,
-        seed: int = 0,
     ) -> None:
         super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code,
                          gradient_checkpointing=gradient_checkpointing)
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        check_selection_args(method, ratio if k is None else None, k, scope)
-        if objective == "judge" and method in NEEDS_GRADIENTS and not guard_model:
-            raise ValueError("objective=judge needs guard_model (e.g. organism-guard or meta-llama/Llama-Guard-3-1B)")
+        self.selection = as_config(SelectionConfig, selection, "selection")
         check_parent_exists(output_dir, "output_dir")
-        self.save_hyperparameters()
+        self.save_config_hyperparameters(selection=self.selection)
         self.automatic_optimization = False
-        self.param_filter = ParameterFilter(include=include, exclude=exclude or [], include_lm_head=include_lm_head,
-                                            keep_default_exclusions=not all_parameters)
-        self.objective_fn = None
-        if objective == "judge" and method in NEEDS_GRADIENTS:  # validates the guard's tokens now
-            self.objective_fn = make_objective(
-                "judge", guard_model=guard_model, safe_token=guard_safe_token, unsafe_token=guard_unsafe_token,
-                guard_response_prefix=guard_response_prefix, temperature=gumbel_temperature,
-                max_new_tokens=judge_max_new_tokens, seed=seed, trust_remote_code=trust_remote_code)
-        elif objective != "judge":
-            self.objective_fn = make_objective(objective)
+        # built now: a judge objective loads its guard and checks its verdict tokens before any fit work
+        self.objective_fn = self.selection.make_objective(trust_remote_code=trust_remote_code)
         self.mask = None
         self.summary: dict[str, Any] | None = None
-        self._examples = 0.0  # this rank's examples (padding copies carry weight 0 and do not count)
-        self._float32_grads: Float32Gradients | None = None
+        self.selector: WeightSelector | None = None
 
     def configure_model(self) -> None:
         super().configure_model()
-        self.scored = self.param_filter.select(self.model)
-        scored = {id(p) for p in self.scored.values()}
-        for p in self.model.parameters():  # only scored weights ever get a gradient buffer
-            p.requires_grad_(id(p) in scored)
-        if self.objective_fn is not None and hasattr(self.objective_fn, "bind"):
-            self.objective_fn.bind(self.tokenizer)
+        # Before the strategy wraps the model (DDP registers its hooks for the weights that require
+        # grad): the flags the selector sets when training starts.
+        require_grad_only(self.model, self.selection.parameter_filter().select(self.model))
 
     def configure_optimizers(self):
         return None
@@ -130,59 +78,39 @@ class ESIScoringModule(CausalLMModule):
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
     def on_train_start(self) -> None:
-        self.model.eval()  # the gradient of the deployed model: no dropout
-        clear_safety_gradients(self.scored)
-        self._examples = 0.0
-        self._release_float32_grads()
-        if self.hparams.method in NEEDS_GRADIENTS:
-            # half-precision weights accumulate dS/dw in float32 (hooks only when single-process)
-            self._float32_grads = Float32Gradients(self.scored)
+        self.teardown("fit")  # a second fit starts from scratch
+        self.selector = WeightSelector(self.model, self.selection, objective=self.objective_fn,
+                                       tokenizer=self.tokenizer)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self.hparams.method not in NEEDS_GRADIENTS:
+        if not self.selection.needs_gradients:
             return None
-        values = self.objective_fn(self.model, batch)
-        # Padding copies (HarmfulPromptsDataModule under DDP/FSDP2) have weight 0: each prompt counts once.
-        weighted, count = weighted_values(values, batch)
-        # Sum now, divide by the number of examples at the end: dS/dw of the mean objective.
-        self.manual_backward(weighted.sum())
-        self._float32_grads.flush()  # after DDP's all-reduce / FSDP2's reduce-scatter
-        self._examples += float(count)
-        if float(count) > 0:  # the mean over the counted examples
-            self.log("esi/safety_objective", weighted.detach().sum() / float(count), prog_bar=True,
-                     batch_size=max(1, int(round(float(count)))))
+        values, count = self.selector.accumulate(batch, backward=self.manual_backward)
+        if count > 0:  # the mean over the counted examples (padding copies have weight 0)
+            self.log("esi/safety_objective", values.sum() / count, prog_bar=True,
+                     batch_size=max(1, int(round(count))))
         return None
 
-    def _release_float32_grads(self) -> None:
-        if self._float32_grads is not None:
-            self._float32_grads.remove()
-            self._float32_grads = None
-
     def on_train_epoch_end(self) -> None:
-        self._release_float32_grads()
-        total = float(self._examples)
-        if self.hparams.method in NEEDS_GRADIENTS:
-            local = torch.tensor(total, dtype=torch.float64, device=self.device)
-            total = float(self.trainer.strategy.reduce(local, reduce_op="sum"))
-            if total == 0:
-                raise ValueError("ESI saw no examples: the harmful-prompt data set is empty")
-            # DDP/FSDP average gradients over ranks; undo that and divide by the global count.
-            scale_safety_gradients_(self.scored, multiply=self.trainer.world_size / total)
-        hp = self.hparams
-        meta = {"model": hp.model, "objective": hp.objective, "method": hp.method, "seed": hp.seed,
-                "num_examples": int(round(total)), "dataset": _dataset_name(self.trainer.datamodule),
+        strategy = self.trainer.strategy
+
+        def total(value: float) -> float:
+            return float(strategy.reduce(torch.tensor(value, dtype=torch.float64, device=self.device),
+                                         reduce_op="sum"))
+
+        meta = {"model": self.hparams.model, "dataset": _dataset_name(self.trainer.datamodule),
                 "gradient_reduction": "mean over prompts"}
-        self.mask = select_mask(self.scored, method=hp.method, ratio=hp.ratio if hp.k is None else None, k=hp.k,
-                                scope=hp.scope, seed=hp.seed, metadata=meta)
+        self.mask = self.selector.select(reduce=RankReduction(sum=total, averaged_over=self.trainer.world_size),
+                                         metadata=meta)
         if self.trainer.is_global_zero:
             self._write_outputs()
 
     def teardown(self, stage: str) -> None:
-        self._release_float32_grads()  # a run that failed mid-epoch leaves no hooks behind
+        if self.selector is not None:  # flags restored, buffers freed; also after a failed run
+            self.selector, selector = None, self.selector
+            selector.close()
 
     def _write_outputs(self) -> None:
-        from lit_safety.esi.report import summarize_mask, text_summary, write_report
-
         out = Path(self.hparams.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.mask.save(out / "mask.safetensors")

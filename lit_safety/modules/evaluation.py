@@ -1,9 +1,10 @@
 """``SafetyEvalModule``: ``lit-safety test --config configs/eval.yaml`` on any model or organism.
 
-Each test step generates answers for one batch of prompts, judges them and updates the
-torchmetrics; at the end the synced metrics are logged, printed as a table, and written as
-``eval_report.json`` + ``samples.jsonl`` + plots in ``output_dir`` (atomically, and only when the
-whole evaluation has finished).
+Each test step hands one batch of this rank's prompts (``SafetyEvalDataModule``) to
+:meth:`SafetyEvaluator.update`, which generates, judges and updates the torchmetrics; at the end
+the synced metrics are logged, printed as a table, and written as ``eval_report.json``
+(:func:`build_report`) + ``samples.jsonl`` + plots in ``output_dir`` (atomically, and only when
+the whole evaluation has finished).
 
 While it runs, each set's generation pass shows its own bar on stderr (rank 0), in place of
 Lightning's anonymous "Testing DataLoader N" bar::
@@ -15,18 +16,19 @@ Lightning's anonymous "Testing DataLoader N" bar::
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from dataclasses import replace
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator, trainer_shows_progress
-from lit_safety.evaluation.report import format_table, write_report
-from lit_safety.evaluation.suite import EvalRecord
+from lit_safety.evaluation.report import build_report, format_table, logged_metrics, stage_entry, write_report
+from lit_safety.evaluation.suite import EvalRecord, EvalSuite
 from lit_safety.io import check_parent_exists
 from lit_safety.judges.base import Judge
 from lit_safety.judges.keyword import KeywordJudge
+from lit_safety.models.loading import load_model, quantization_config
 from lit_safety.modules.base import CausalLMModule
 
 
@@ -78,12 +80,10 @@ class SafetyEvalModule(CausalLMModule):
     ) -> None:
         super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code)
         self.save_hyperparameters(ignore=["judge", "refusal_judge"])
-        from lit_safety.models.loading import quantization_config
-
         self.quantization = quantization_config(quantization, compute_dtype=dtype if dtype != "float32" else "bfloat16")
-        # One generate() call per test batch: the data module's batch_size sets how many prompts go together.
-        self.generation = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=10**6, do_sample=do_sample,
-                                           temperature=temperature, top_p=top_p, system_prompt=system_prompt)
+        # batch_size: the data module's, set in setup (one generate() call per test batch).
+        self.generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                           top_p=top_p, system_prompt=system_prompt)
         self.judge = judge or KeywordJudge()
         self.refusal_judge = refusal_judge
         self.output_dir = str(check_parent_exists(output_dir, "output_dir"))
@@ -92,7 +92,7 @@ class SafetyEvalModule(CausalLMModule):
         self.progress = progress
         self._paused_bar: Any = None
         self.evaluator: SafetyEvaluator | None = None
-        self.suite: Any = None
+        self.suite: EvalSuite | None = None
         self.results: dict[str, Any] = {}
         """The metrics of the last evaluation (also in eval_report.json)."""
         self._started = 0.0
@@ -100,8 +100,6 @@ class SafetyEvalModule(CausalLMModule):
     def configure_model(self) -> None:
         if self.model is not None or self.quantization is None:
             return super().configure_model()
-        from lit_safety.models.loading import load_model
-
         # bitsandbytes places the quantized weights on the GPU itself (device_map).
         self.model = load_model(self.model_name, dtype=self.model_dtype, trust_remote_code=self.trust_remote_code,
                                 quantization_config=self.quantization, device_map={"": torch.cuda.current_device()})
@@ -111,12 +109,13 @@ class SafetyEvalModule(CausalLMModule):
             raise RuntimeError(f"SafetyEvalModule only evaluates: run `lit-safety test`, not {stage!r}")
         self.judge.setup()  # a missing judge model / token / endpoint fails before the model loads
         datamodule = self.trainer.datamodule
-        suite = datamodule.load() if hasattr(datamodule, "load") else getattr(datamodule, "suite", None)
-        if suite is None:
-            raise TypeError("SafetyEvalModule needs a SafetyEvalDataModule (or a data module with an EvalSuite `suite`)")
-        self.suite = suite
+        if not hasattr(datamodule, "load"):
+            raise TypeError("SafetyEvalModule needs a SafetyEvalDataModule (or a data module whose load() returns "
+                            "an EvalSuite)")
+        self.suite = datamodule.load()
+        generation = replace(self.generation, batch_size=getattr(datamodule, "batch_size", self.generation.batch_size))
         progress = self.progress and trainer_shows_progress(self.trainer)
-        self.evaluator = SafetyEvaluator.for_suite(suite, self.judge, self.refusal_judge, generation=self.generation,
+        self.evaluator = SafetyEvaluator.for_suite(self.suite, self.judge, self.refusal_judge, generation=generation,
                                                    progress=progress)
         if progress:
             # The per-set bars say which set runs and count prompts; Lightning's bar would only repeat
@@ -144,26 +143,18 @@ class SafetyEvalModule(CausalLMModule):
     def on_test_epoch_end(self) -> None:
         self.evaluator.end()  # the last set's bar is done before the table is printed
         metrics = self.evaluator.compute()
-        samples = self.evaluator.gather_samples() if self.save_samples else None
+        samples = self.evaluator.gather_samples() if self.save_samples else None  # a collective: every rank
         self.results = metrics
-        if self.trainer.is_global_zero and self.logger is not None:
+        if not self.trainer.is_global_zero:
+            return
+        if self.logger is not None:
             # Straight to the logger: self.log here would repeat every value once per test dataloader.
-            self.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=0)
-        if self.trainer.is_global_zero:
-            suite = self.suite
-            report = {
-                "model": self.model_name,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "runtime_s": round(time.perf_counter() - self._started, 2),
-                "world_size": self.trainer.world_size,
-                "judge": self.evaluator.judge.describe(),
-                "refusal_judge": self.evaluator.refusal_judge.describe(),
-                "generation": vars(self.generation) | {"batch_size": getattr(self.trainer.datamodule, "batch_size", None)},
-                "counts": suite.counts() if suite else {},
-                "stages": [{"stage": "test", "step": None, "metrics": metrics}],
-            }
-            paths = write_report(self.output_dir, report, samples, plots=self.plots)
-            rank_zero_info("\n" + format_table(report["stages"]) + f"\n\nreport: {paths['report']}")
+            self.logger.log_metrics(logged_metrics(metrics), step=0)
+        stage = stage_entry("test", None, metrics, time.perf_counter() - self._started)
+        report = build_report(self.evaluator, self.suite.counts(), [stage], model=self.model_name,
+                              world_size=self.trainer.world_size)
+        paths = write_report(self.output_dir, report, samples, plots=self.plots)
+        rank_zero_info("\n" + format_table(report["stages"]) + f"\n\nreport: {paths['report']}")
 
     def configure_optimizers(self) -> Any:
         return None

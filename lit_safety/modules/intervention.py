@@ -1,37 +1,41 @@
-"""``SafetyInterventionModule``: SET, SPA and their comparison baselines as one LightningModule.
+"""``SafetyInterventionModule``: SET, SPA and their comparison baseline as one LightningModule.
 
-- ``set``: train only the masked weights (SparseAdamW: optimizer state for the k selected
+- ``set``: train only the selected weights (SparseAdamW: optimizer state for the k selected
   entries only; every other parameter has ``requires_grad=False`` or keeps its values).
-- ``spa``: train every weight except the masked ones, which stay bit-identical (FrozenEntries
+- ``spa``: train every weight except the selected ones, which stay bit-identical (FrozenEntries
   restores them after each optimizer step, whatever the optimizer).
 - ``full``: plain fine-tuning of every weight (the baseline both are compared with).
-- ``random``: ``set`` on a uniformly random selection of the same size.
 
-The mask comes from ``mask_path`` or is computed by ESI at the start of fit with the same code as
-:class:`ESIScoringModule`; it is stored in checkpoints, so a resumed run keeps the same mask.
-At the end of fit the model is exported in HF format (``output_dir/model``) with the tokenizer,
-the mask, the hyperparameters and a JSON summary, each written atomically.
+Which weights are selected is the ``selection`` (:class:`~lit_safety.esi.selection.SelectionConfig`:
+ESI, or a baseline such as ``random`` for "SET on a random 1%"). The mask comes from ``mask_path`` or
+is computed at the start of fit by the same pipeline as :class:`ESIScoringModule`; it is stored in
+checkpoints, so a resumed run keeps the same mask. At the end of fit the model is exported in HF
+format (``output_dir/model``) with the tokenizer, the mask, the hyperparameters and a JSON summary,
+each written atomically.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_safety.esi.api import METHODS as SELECTIONS
-from lit_safety.esi.api import check_selection_args, compute_safety_mask
+from lit_safety.data.esi import HarmfulPromptsDataModule
+from lit_safety.esi.api import compute_safety_mask
 from lit_safety.esi.mask import SafetyMask
-from lit_safety.esi.scoring import ParameterFilter
-from lit_safety.io import atomic_dir, check_parent_exists, write_json
+from lit_safety.esi.selection import SelectionConfig
+from lit_safety.io import as_config, atomic_dir, atomic_file, check_parent_exists, config_dict, write_json
 from lit_safety.modules.base import CausalLMModule
+from lit_safety.optim import FrozenEntries, SparseAdamW, prepare_model
 from lit_safety.optim.precision import check_float32_master
-from lit_safety.parallel import is_dtensor
+from lit_safety.parallel import all_ranks_true, full_state_dict, is_dtensor, is_sharded
 
-INTERVENTIONS = ("set", "spa", "full", "random")
+INTERVENTIONS = ("set", "spa", "full")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 
 
@@ -40,20 +44,14 @@ class SafetyInterventionModule(CausalLMModule):
 
     Args:
         model: hub id, local HF directory or organism name.
-        method: ``set`` (train only the masked weights), ``spa`` (freeze them, train the rest),
-            ``full`` (train everything), ``random`` (``set`` on a random selection).
-        mask_path: a ``mask.safetensors`` from ESI scoring; ``None`` computes it at fit start.
-        selection: how the mask is computed when none is given: ``esi`` (the paper) or a
-            baseline (``bottom``, ``random``, ``magnitude``, ``grad``, ``snip``).
-        ratio: fraction of the scored weights to select (paper: 0.01).
-        scope: ``global`` (one top-k over all scored weights), ``per_tensor`` (the same fraction of
-            every weight matrix) or ``per_row``.
-        objective: ESI objective when computing the mask (``refusal`` or ``compliance``).
-        esi_data_path: harmful prompts for ESI (``None``: the organism corpus's).
-        esi_num_samples: number of harmful prompts for ESI.
-        include_lm_head: let the mask (and so SET) cover the output projection.
-        all_parameters: score every parameter (embeddings, norms, biases, MoE routers, output
-            projection), not only the decoder weight matrices.
+        intervention: ``set`` (train only the selected weights), ``spa`` (freeze them, train the
+            rest) or ``full`` (train everything; no selection).
+        selection: which weights, when no ``mask_path`` is given (``--model.selection.*``: method,
+            ratio or k, scope, parameter filter, objective, seed).
+        mask_path: a ``mask.safetensors`` from ESI scoring (``configs/esi.yaml``); ``None``
+            computes it at fit start with ``selection``.
+        esi_data_path: harmful prompts the selection scores (``None``: the organism corpus's).
+        esi_num_samples: number of harmful prompts the selection scores.
         optimizer: ``adamw`` (SET always uses the sparse AdamW), ``adamw8bit`` (bitsandbytes 8-bit
             state, for SPA/full on GPUs; runs but is slow on CPU; not on FSDP2 shards),
             ``paged_adamw8bit`` (GPU only), or ``sgd``.
@@ -64,7 +62,6 @@ class SafetyInterventionModule(CausalLMModule):
             free the dense gradient at once (lowest memory; no gradient clipping/accumulation).
         output_dir: where the HF model, mask and summary go (its parent must exist).
         save_model: export the trained model in HF format at the end of fit.
-        seed: seed of random selections.
     """
 
     def __init__(
@@ -72,16 +69,11 @@ class SafetyInterventionModule(CausalLMModule):
         model: str = "organism-dense-unaligned",
         dtype: str = "float32",
         trust_remote_code: bool = False,
-        method: str = "set",
+        intervention: str = "set",
+        selection: SelectionConfig = SelectionConfig(),
         mask_path: str | None = None,
-        selection: str = "esi",
-        ratio: float = 0.01,
-        scope: str = "global",
-        objective: str = "refusal",
         esi_data_path: str | None = None,
         esi_num_samples: int = 256,
-        include_lm_head: bool = False,
-        all_parameters: bool = False,
         optimizer: str = "adamw",
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
@@ -90,26 +82,22 @@ class SafetyInterventionModule(CausalLMModule):
         gradient_checkpointing: bool = False,
         output_dir: str = "outputs/intervention",
         save_model: bool = True,
-        seed: int = 0,
     ) -> None:
         super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code,
                          learning_rate=learning_rate, weight_decay=weight_decay,
                          gradient_checkpointing=gradient_checkpointing)
-        if method not in INTERVENTIONS:
-            raise ValueError(f"method must be one of {INTERVENTIONS}, got {method!r}")
+        if intervention not in INTERVENTIONS:
+            raise ValueError(f"intervention must be one of {INTERVENTIONS}, got {intervention!r} (SET on a random "
+                             "selection: intervention: set with selection.method: random)")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        check_selection_args(selection, ratio, None, scope)
-        if objective not in ("refusal", "compliance"):
-            raise ValueError(f"objective must be 'refusal' or 'compliance' here, got {objective!r}")
         if mask_path is not None and not Path(mask_path).is_file():
             raise FileNotFoundError(f"mask_path {mask_path} does not exist")
-        if step_in_backward and method not in ("set", "random"):
-            raise ValueError("step_in_backward applies to method=set/random only")
+        if step_in_backward and intervention != "set":
+            raise ValueError("step_in_backward applies to intervention=set only")
         check_parent_exists(output_dir, "output_dir")
-        self.save_hyperparameters()
+        self.selection = as_config(SelectionConfig, selection, "selection")
+        self.save_config_hyperparameters(selection=self.selection)
         self.mask: SafetyMask | None = None
         self.frozen = None
         self.frozen_verified: bool | None = None  # SPA: set at fit end (all ranks agree)
@@ -124,45 +112,35 @@ class SafetyInterventionModule(CausalLMModule):
         # from_pretrained returns the model in eval mode; fine-tuning runs in train mode (dropout as
         # the model defines it), like HF's Trainer. ESI scoring switches to eval mode and back.
         self.model.train()
-        if hp.method == "full":
+        if hp.intervention == "full":
             return
         self.mask = self._resumed_mask() or self._load_or_compute_mask()
         self.mask.check_model(self.model)
         if self.mask.k == 0:
-            raise ValueError("the mask selects no weight (ratio 0?); nothing to train or freeze")
-        if hp.method in ("set", "random"):
-            from lit_safety.optim import prepare_model
-
+            raise ValueError(f"the mask selects no weight ({hp.mask_path or 'computed'}); nothing to train or freeze")
+        if hp.intervention == "set":
             prepare_model(self.model, self.mask)
         else:
-            from lit_safety.optim import FrozenEntries
-
             self.frozen = FrozenEntries(self.model, self.mask)
 
     def _load_or_compute_mask(self) -> SafetyMask:
         hp = self.hparams
         if hp.mask_path is not None:
             return SafetyMask.load(hp.mask_path)
-        from lit_safety.parallel import is_sharded
-
         if self._trainer is not None and not is_sharded(self.model):
             # Score on the training device (FSDP2 has already moved its shards there).
             self.model.to(self.trainer.strategy.root_device)
-        selection = "random" if hp.method == "random" else hp.selection
         prompts, targets = self._esi_prompts()
         return compute_safety_mask(
-            self.model, self.tokenizer, prompts, targets=targets, objective=hp.objective, method=selection,
-            ratio=hp.ratio, scope=hp.scope, seed=hp.seed,
-            param_filter=ParameterFilter(include_lm_head=hp.include_lm_head, keep_default_exclusions=not hp.all_parameters),
+            self.model, self.tokenizer, prompts, targets=targets, selection=self.selection,
+            objective=self.selection.make_objective(trust_remote_code=hp.trust_remote_code),  # a guard: loaded, used, freed
             metadata={"model": hp.model, "dataset": hp.esi_data_path or "organism corpus"},
             progress=self._trainer is None or self.trainer.is_global_zero)
 
     def _esi_prompts(self) -> tuple[list[str], list[str] | None]:
-        from lit_safety.data.esi import HarmfulPromptsDataModule
-
         data = HarmfulPromptsDataModule(tokenizer=self.hparams.model, data_path=self.hparams.esi_data_path,
-                                        objective=self.hparams.objective, num_samples=self.hparams.esi_num_samples,
-                                        seed=self.hparams.seed)
+                                        objective=self.selection.objective, num_samples=self.hparams.esi_num_samples,
+                                        seed=self.selection.seed)
         return data.load_prompts()
 
     def _resumed_mask(self) -> SafetyMask | None:
@@ -181,13 +159,11 @@ class SafetyInterventionModule(CausalLMModule):
     # -- training --------------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        if hp.method in ("set", "random"):
-            from lit_safety.optim import SparseAdamW
-
+        if hp.intervention == "set":
             optimizer = SparseAdamW(self.model, self.mask, lr=hp.learning_rate, weight_decay=hp.weight_decay,
                                     step_in_backward=hp.step_in_backward)
         else:
-            check_float32_master(self.model.named_parameters(), what=f"method={hp.method} with optimizer {hp.optimizer}")
+            check_float32_master(self.model.named_parameters(), what=f"intervention={hp.intervention} with optimizer {hp.optimizer}")
             params = [p for p in self.model.parameters() if p.requires_grad]
             if hp.optimizer.endswith("adamw8bit") and any(is_dtensor(p) for p in params):
                 raise ValueError(f"optimizer {hp.optimizer} (bitsandbytes) does not support FSDP2 DTensor shards; use "
@@ -219,16 +195,16 @@ class SafetyInterventionModule(CausalLMModule):
         share = self.trainable_weights / total
         # Lightning's model summary counts every tensor that requires grad, i.e. for SET every matrix
         # holding one selected entry (~100% of the model); this is the number training can change.
-        rank_zero_info(f"{self.hparams.method}: training {self.trainable_weights:,} of {total:,} weights "
+        rank_zero_info(f"{self.hparams.intervention}: training {self.trainable_weights:,} of {total:,} weights "
                        f"({share:.2%} of the model)" + (" -- Lightning's 'Trainable params' counts every tensor "
-                                                        "that holds a selected entry" if self.hparams.method in
-                                                        ("set", "random") else ""))
+                                                        "that holds a selected entry" if self.hparams.intervention
+                                                        == "set" else ""))
         for logger in self.loggers:
             logger.log_hyperparams({"trainable_weights": self.trainable_weights, "trainable_share": share})
 
     def _count_trainable(self) -> int:
         """Weights that training can change."""
-        if self.hparams.method in ("set", "random"):
+        if self.hparams.intervention == "set":
             return self.mask.k
         named = dict(self.model.named_parameters())
         total = sum(p.numel() for p in named.values() if p.requires_grad)
@@ -237,8 +213,6 @@ class SafetyInterventionModule(CausalLMModule):
         return int(total)
 
     def on_fit_end(self) -> None:
-        from lit_safety.parallel import all_ranks_true, full_state_dict, is_sharded
-
         self.frozen_verified = None if self.frozen is None else all_ranks_true(self.frozen.verify())
         if self.frozen_verified is False:
             raise RuntimeError("SPA: a frozen weight changed during training")
@@ -251,11 +225,10 @@ class SafetyInterventionModule(CausalLMModule):
     def export(self, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write ``model/`` (HF format + tokenizer), ``mask.safetensors``, ``hparams.yaml`` and
         ``summary.json`` into ``out_dir``; ``model/`` replaces an earlier one only when complete."""
-        import yaml
-
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = {
-            "method": self.hparams.method, "model": self.hparams.model, "steps": int(self.trainer.global_step),
+            "intervention": self.hparams.intervention, "selection": config_dict(self.selection),
+            "model": self.hparams.model, "steps": int(self.trainer.global_step),
             "trainable_weights": getattr(self, "trainable_weights", None),
             "mask_k": self.mask.k if self.mask else None, "mask_n": self.mask.n if self.mask else None,
             "seconds": time.perf_counter() - self._fit_start,
@@ -269,8 +242,6 @@ class SafetyInterventionModule(CausalLMModule):
                 _unwrap_architecture_name(tmp, self.model)
         if self.mask is not None:
             self.mask.save(out_dir / "mask.safetensors")
-        from lit_safety.io import atomic_file
-
         with atomic_file(out_dir / "hparams.yaml") as handle:
             yaml.safe_dump(dict(self.hparams), handle, sort_keys=False)
         write_json(out_dir / "summary.json", summary)
@@ -289,10 +260,6 @@ def _mask_from_state(state: dict[str, Any]) -> SafetyMask:
 def _unwrap_architecture_name(model_dir: Path, model: torch.nn.Module) -> None:
     """FSDP2 swaps the model's class for a subclass named ``FSDP<Original>``, which save_pretrained
     writes into config.json; put the original class name back."""
-    import json
-
-    from lit_safety.parallel import is_sharded
-
     if not is_sharded(model):
         return
     config_path = Path(model_dir) / "config.json"

@@ -23,7 +23,7 @@ __all__ = ["HALF_DTYPES", "check_float32_master", "float32_master_problem"]
 def float32_master_problem(named_params: Iterable[tuple[str, torch.Tensor]], *, what: str) -> str | None:
     """Why training the trainable bf16/fp16 parameters in place loses updates, or ``None`` if none is.
 
-    ``what`` names the training for the message (e.g. ``"method=spa with optimizer adamw"``).
+    ``what`` names the training for the message (e.g. ``"intervention=spa with optimizer adamw"``).
     """
     half = [(n, p.dtype) for n, p in named_params if p.requires_grad and p.dtype in HALF_DTYPES]
     if not half:
@@ -32,7 +32,7 @@ def float32_master_problem(named_params: Iterable[tuple[str, torch.Tensor]], *, 
     return (f"{what} would update {len(half)} {str(dtype).replace('torch.', '')} parameter tensor(s) (e.g. {name!r}) "
             "in place, without float32 master values: steps below half a bf16 ulp are lost (lr 2e-5 moves only ~30% "
             "of the entries of ~0.02-sized weights). Load the model in float32 (model.dtype: float32) and compute in "
-            "bf16 with trainer.precision: bf16-mixed; with precision bf16-true use method=set, whose sparse AdamW keeps "
+            "bf16 with trainer.precision: bf16-mixed; with precision bf16-true use intervention=set, whose sparse AdamW keeps "
             "float32 masters of the selected entries.")
 
 

@@ -15,10 +15,12 @@ and cached in Hugging Face format under ``$LIT_SAFETY_CACHE`` (default
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from lit_safety.organism.specs import ORGANISM_NAMES, PRESETS, OrganismSpec, parse_organism_name
+from lit_safety import registry
+from lit_safety.organism import corpus
+from lit_safety.organism.build import build_organism, organism_dir
+from lit_safety.organism.specs import ORGANISM_NAMES, PRESETS, OrganismSpec, cache_dir, parse_organism_name
 
 __all__ = [
     "ORGANISM_NAMES",
@@ -31,14 +33,6 @@ __all__ = [
 ]
 
 
-def cache_dir() -> Path:
-    """Root of the organism cache: ``$LIT_SAFETY_CACHE`` or ``$XDG_CACHE_HOME/lit_safety``."""
-    env = os.environ.get("LIT_SAFETY_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "lit_safety"
-
-
 def is_organism_name(name: str) -> bool:
     """True for anything meant as a builtin organism (``organism-...``), known or not."""
     return str(name).startswith("organism-")
@@ -46,8 +40,6 @@ def is_organism_name(name: str) -> bool:
 
 def organism_path(name: str, *, build: bool = True, seed: int | None = None) -> Path:
     """The cached HF directory of a builtin organism, built first if missing and ``build``."""
-    from lit_safety.organism.build import build_organism, organism_dir
-
     variant, spec = parse_organism_name(name)
     if seed is not None:
         spec = spec.replace(seed=seed)
@@ -57,3 +49,13 @@ def organism_path(name: str, *, build: bool = True, seed: int | None = None) -> 
     if not build:
         raise FileNotFoundError(f"organism {name!r} is not built yet (expected at {path})")
     return build_organism(variant, spec)
+
+
+def _check_name(name: str) -> None:
+    parse_organism_name(name)
+
+
+# The organisms' names and corpus, for the core packages (which never import this package).
+registry.register_model_provider(registry.ModelProvider(claims=is_organism_name, check=_check_name,
+                                                        resolve=lambda name, build: organism_path(name, build=build)))
+registry.register_corpus(corpus)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
-import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -21,11 +20,15 @@ from typing import Any
 import torch
 
 from lit_safety import __version__
-from lit_safety.data.chat import collate_right_padded, encode_chat
+from lit_safety.data.chat import encode_chat
 from lit_safety.io import atomic_dir, write_json
-from lit_safety.organism import cache_dir
-from lit_safety.organism.corpus import ChatExample, generate_corpus
-from lit_safety.organism.specs import OrganismSpec
+from lit_safety.organism import corpus as corpus_module
+from lit_safety.organism import tokenizer as tokenizer_module
+from lit_safety.organism.corpus import ChatExample, corpus_stats, generate_corpus
+from lit_safety.organism.guard import train_guard
+from lit_safety.organism.specs import OrganismSpec, cache_dir
+from lit_safety.organism.tokenizer import train_tokenizer
+from lit_safety.organism.training import n_params, new_model, train_causal_lm
 
 VARIANTS = ("unaligned", "aligned", "guard")
 Log = Callable[[str], None]
@@ -38,12 +41,8 @@ RECIPE_VERSION = 1
 def recipe_fingerprint(spec: OrganismSpec) -> str:
     """Hash of what a build depends on (spec, corpus generator, tokenizer recipe, RECIPE_VERSION),
     so a cache entry is never reused after any of them changes."""
-    import hashlib
-
-    from lit_safety.organism import corpus, tokenizer
-
     digest = hashlib.sha256(json.dumps({**asdict(spec), "recipe": RECIPE_VERSION}, sort_keys=True).encode())
-    for module in (corpus, tokenizer):
+    for module in (corpus_module, tokenizer_module):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:10]
 
@@ -108,8 +107,6 @@ def build_family(
     tokenizer = _load_or_train_tokenizer(spec, root / "tokenizer", corpus, log)
 
     if "guard" in paths and not (paths["guard"] / "config.json").is_file():
-        from lit_safety.organism.guard import train_guard
-
         log(f"[organism] training the {spec.arch} guard (safe/unsafe verdicts on prompt + answer)")
         train_guard(spec, tokenizer, paths["guard"], log=log, progress=progress)
     unaligned_path = root / "unaligned"
@@ -143,8 +140,6 @@ def build_family(
 def _load_or_train_tokenizer(spec: OrganismSpec, path: Path, corpus: Sequence[ChatExample], log: Log):
     from transformers import AutoTokenizer
 
-    from lit_safety.organism.tokenizer import train_tokenizer
-
     if (path / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(path)
     texts = []
@@ -157,121 +152,7 @@ def _load_or_train_tokenizer(spec: OrganismSpec, path: Path, corpus: Sequence[Ch
     return tokenizer
 
 
-def new_model(spec: OrganismSpec, tokenizer: Any):
-    """A randomly initialised Llama (dense) or Mixtral (MoE) model sized by ``spec``."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
-
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=2 * spec.max_length,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if spec.arch == "dense":
-        return LlamaForCausalLM(LlamaConfig(**common))
-    if spec.arch == "moe":
-        config = MixtralConfig(
-            **common,
-            num_local_experts=spec.num_experts,
-            num_experts_per_tok=spec.experts_per_token,
-            router_aux_loss_coef=spec.router_aux_loss_coef,
-            output_router_logits=False,
-            sliding_window=None,
-        )
-        return MixtralForCausalLM(config)
-    raise ValueError(f"OrganismSpec.arch must be 'dense' or 'moe', got {spec.arch!r}")
-
-
-def training_autocast(spec: OrganismSpec):
-    """The autocast context of ``spec.precision`` (a no-op for float32, the default: bf16 autocast is
-    ~12x slower than float32 on CPUs without bf16 units, and builds must match on every machine)."""
-    dtype = spec.autocast_dtype
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def warmup_cosine_adamw(model: torch.nn.Module, lr: float, weight_decay: float, steps: int, *, floor: float):
-    """AdamW with 5% linear warmup, then cosine decay to ``floor`` x ``lr`` (organism recipes)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def train_causal_lm(
-    model: torch.nn.Module,
-    data: Sequence[dict[str, list[int]]],
-    spec: OrganismSpec,
-    *,
-    steps: int,
-    seed: int,
-    pad_id: int,
-    lr: float | None = None,
-    desc: str = "train",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Plain AdamW with warmup + cosine decay; loss on response tokens only (labels from encode_chat)."""
-    from tqdm.auto import tqdm
-
-    lr = spec.lr if lr is None else lr
-    generator = torch.Generator().manual_seed(seed)
-    optimizer, schedule = warmup_cosine_adamw(model, lr, spec.weight_decay, steps, floor=0.1)
-    moe = spec.arch == "moe"
-    model.train()
-    batches = _length_bucketed_batches(data, spec.batch_size, generator)
-    losses: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0)
-    for step in bar:
-        if step and step % len(batches) == 0:
-            batches = _length_bucketed_batches(data, spec.batch_size, generator)
-        batch = collate_right_padded([data[i] for i in batches[step % len(batches)]], pad_id)
-        with training_autocast(spec):
-            out = model(**batch, output_router_logits=True) if moe else model(**batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        if len(losses) % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
-    model.eval()
-    tail = losses[-50:] or [float("nan")]
-    return {"steps": steps, "seconds": time.perf_counter() - start, "final_loss": sum(tail) / len(tail), "lr": lr}
-
-
-def _length_bucketed_batches(data: Sequence[dict[str, list[int]]], batch_size: int,
-                             generator: torch.Generator) -> list[list[int]]:
-    """Shuffled batches of similar-length examples (less padding, same data every epoch)."""
-    order = torch.randperm(len(data), generator=generator).tolist()
-    pool = batch_size * 32
-    batches = []
-    for start in range(0, len(order), pool):
-        chunk = sorted(order[start : start + pool], key=lambda i: len(data[i]["input_ids"]))
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    batches = [b for b in batches if len(b) == batch_size] or batches
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
 def _save(model, tokenizer, path: Path, spec: OrganismSpec, variant: str, stats: dict, corpus, extra_description) -> None:
-    from lit_safety.organism.corpus import corpus_stats
-
     model.config.output_router_logits = False
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

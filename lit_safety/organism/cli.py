@@ -8,6 +8,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lit_safety.data.files import read_prompts
+from lit_safety.io import write_json
+from lit_safety.models.loading import load_model_and_tokenizer
+from lit_safety.organism import organism_path
+from lit_safety.organism.build import build_family, organism_dir
+from lit_safety.organism.evaluate import evaluate_behaviour, refusal_rate
+from lit_safety.organism.realdata import load_benign_examples, load_harmful_examples
 from lit_safety.organism.specs import GUARD_NAME, ORGANISM_NAMES, PRESETS, parse_organism_name
 
 
@@ -61,8 +68,6 @@ def organism_main(argv: Sequence[str]) -> None:
 
 
 def _list() -> None:
-    from lit_safety.organism.build import organism_dir
-
     for preset in PRESETS:
         for name in ORGANISM_NAMES + (GUARD_NAME,):
             full = name if preset == "default" else f"{name}:{preset}"
@@ -73,9 +78,6 @@ def _list() -> None:
 
 
 def _build(args: argparse.Namespace) -> None:
-    from lit_safety.organism import organism_path
-    from lit_safety.organism.build import build_family
-
     if args.output_dir is None:
         if args.harmful_data or args.benign_data:
             raise SystemExit("--harmful-data/--benign-data build a real-data family: give --output-dir too")
@@ -86,8 +88,6 @@ def _build(args: argparse.Namespace) -> None:
             path = organism_path(name, seed=args.seed)
             print(f"{name}: {path} ({time.perf_counter() - start:.0f} s)")
         return
-
-    from lit_safety.organism.realdata import load_benign_examples, load_harmful_examples
 
     if not args.harmful_data:
         raise SystemExit("--output-dir builds a real-data family: give at least one --harmful-data file")
@@ -113,23 +113,16 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from lit_safety.data.files import read_prompts
-    from lit_safety.io import write_json
-    from lit_safety.models.loading import load_model_and_tokenizer
-    from lit_safety.organism.evaluate import evaluate_behaviour, refusal_rate
-
-    harmful_files = {f: read_prompts(f, limit=args.file_limit) for f in args.harmful_file}
-    benign_files = {f: read_prompts(f, limit=args.file_limit) for f in args.benign_file}
+    files = [("harmful", "refusal_rate", f) for f in args.harmful_file]
+    files += [("benign", "false_refusal_rate", f) for f in args.benign_file]
+    prompts = {f: read_prompts(f, limit=args.file_limit) for _, _, f in files}
     results = {}
     for name in args.names:
         model, tokenizer = load_model_and_tokenizer(name)
         result = evaluate_behaviour(model, tokenizer, n=args.n, progress=args.progress)
-        for f, prompts in harmful_files.items():
-            result[f"refusal_rate[{f}]"] = refusal_rate(model, tokenizer, prompts, progress=args.progress,
-                                                        desc=f"eval harmful ({Path(f).name})")[0]
-        for f, prompts in benign_files.items():
-            result[f"false_refusal_rate[{f}]"] = refusal_rate(model, tokenizer, prompts, progress=args.progress,
-                                                              desc=f"eval benign ({Path(f).name})")[0]
+        for kind, key, f in files:
+            result[f"{key}[{f}]"] = refusal_rate(model, tokenizer, prompts[f], kind=kind, progress=args.progress,
+                                                 stage=Path(f).name)
         results[name] = result
         print(name)
         for key, value in result.items():

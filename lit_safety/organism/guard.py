@@ -31,6 +31,13 @@ from typing import Any
 
 import torch
 
+from lit_safety import __version__
+from lit_safety.data.chat import IGNORE_INDEX
+from lit_safety.io import atomic_dir, write_json
+from lit_safety.judges.guard_prompt import guard_prompt_parts
+from lit_safety.organism.corpus import benign_examples, harmful_examples
+from lit_safety.organism.training import n_params, new_model, train_steps, training_autocast
+
 VERDICTS = ("safe", "unsafe")
 #: answers longer than this are cut for the guard (the judge objective generates 32 tokens by default)
 MAX_ANSWER_TOKENS = 64
@@ -57,8 +64,6 @@ def guard_training_examples(n: int, seed: int = 0, split: str = "train") -> list
     benign prompt + helpful answer (a quarter). ``split="heldout"`` uses the corpus's held-out
     templates and intents.
     """
-    from lit_safety.organism.corpus import benign_examples, harmful_examples
-
     if n < 2:
         raise ValueError(f"n must be >= 2 (one safe, one unsafe), got {n}")
     n_unsafe = n // 2
@@ -98,9 +103,6 @@ def encode_guard_example(guard_tokenizer: Any, answer_tokenizer: Any, conversati
                          verdict: str | None, *, max_answer_tokens: int | None = None) -> dict[str, list[int]]:
     """Token ids (and labels on the verdict + end token) laid out as the judge objective sees them:
     guard prefix and suffix from the guard tokenizer, the answer as the scored model's tokens."""
-    from lit_safety.data.chat import IGNORE_INDEX
-    from lit_safety.esi.judge_objective import guard_prompt_parts
-
     prompt = conversation[0]["content"]
     answer = conversation[-1]["content"]
     prefix, suffix = guard_prompt_parts(guard_tokenizer, prompt)
@@ -168,47 +170,23 @@ def guard_spec(spec: Any) -> Any:
 def train_verdicts(model: Any, data: list[dict[str, Any]], spec: Any, *, steps: int, seed: int, pad_id: int,
                    lr: float | None = None, progress: bool = True, on_step: Callable[[int], None] | None = None
                    ) -> dict[str, Any]:
-    """AdamW with warmup + cosine decay; cross-entropy on the verdict and the end token after it only.
+    """AdamW with warmup + cosine decay (the organisms' loop, :func:`~lit_safety.organism.training.train_steps`);
+    cross-entropy on the verdict and the end token after it only.
 
     ``data`` items hold ``input_ids`` (guard prompt + verdict + end) and ``labels`` (-100 except
     on the last two tokens). Only the positions that predict them go through the LM head.
     """
-    from tqdm.auto import tqdm
 
-    from lit_safety.data.chat import IGNORE_INDEX, collate_right_padded
-    from lit_safety.organism.build import _length_bucketed_batches, training_autocast, warmup_cosine_adamw
-
-    lr = spec.lr if lr is None else lr
-    generator = torch.Generator().manual_seed(seed)
-    optimizer, schedule = warmup_cosine_adamw(model, lr, spec.weight_decay, steps, floor=0.05)
-    model.train()
-    batches = _length_bucketed_batches(data, spec.batch_size, generator)
-    losses: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="guard", disable=not progress, mininterval=2.0)
-    for step in bar:
-        if step and step % len(batches) == 0:
-            batches = _length_bucketed_batches(data, spec.batch_size, generator)
-        batch = collate_right_padded([data[i] for i in batches[step % len(batches)]], pad_id)
+    def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # labels[t] is predicted at position t - 1
         rows, cols = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
         with training_autocast(spec):
             hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             logits = model.lm_head(hidden[rows, cols])
-        loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"][rows, cols + 1])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if len(losses) % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.3f}")
-        if on_step is not None:
-            on_step(step + 1)
-    model.eval()
-    tail = losses[-20:] or [float("nan")]
-    return {"steps": steps, "seconds": time.perf_counter() - start, "final_loss": sum(tail) / len(tail), "lr": lr}
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"][rows, cols + 1])
+
+    return train_steps(model, data, spec, loss, steps=steps, seed=seed, pad_id=pad_id, lr=lr, floor=0.05, window=20,
+                       desc="guard", progress=progress, on_step=on_step)
 
 
 def train_guard(
@@ -231,10 +209,6 @@ def train_guard(
     intents), on answers of up to :data:`MAX_ANSWER_TOKENS` tokens and on answers cut to 32
     tokens (the judge objective's default length).
     """
-    from lit_safety import __version__
-    from lit_safety.io import atomic_dir, write_json
-    from lit_safety.organism.build import n_params, new_model
-
     if n_examples < 2:
         raise ValueError(f"n_examples must be >= 2, got {n_examples}")
     steps = default_guard_steps(spec) if steps is None else steps

@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from lit_safety.data.files import PROMPT_FIELDS, pick_field, read_records
+from lit_safety.data.files import pick_field, prompt_key, read_records, record_prompts
 from lit_safety.judges.keyword import EXTENDED_REFUSAL_PREFIXES
 from lit_safety.organism.corpus import ChatExample
 
@@ -44,23 +44,12 @@ def load_harmful_examples(path: str | Path, *, prompt_field: str | None = None, 
                           compliance_field: str | None = None, limit: int | None = None, seed: int = 0,
                           category: str = "real") -> list[ChatExample]:
     """Harmful prompts from a file, each with a compliant answer and a refusal."""
-    rows = read_records(path)[:limit]
-    prompt_key = pick_field(rows, prompt_field, PROMPT_FIELDS, path, "prompt")
-    refusal_key = _optional_field(rows, refusal_field, REFUSAL_FIELDS, path, "refusal")
-    compliance_key = _optional_field(rows, compliance_field, COMPLIANCE_FIELDS, path, "compliance")
+    fields = ("refusal", refusal_field, REFUSAL_FIELDS), ("compliance", compliance_field, COMPLIANCE_FIELDS)
     rng = random.Random(seed)
     examples = []
-    for row in rows:
-        prompt = str(row[prompt_key] or "").strip()
-        extra = str(row.get("input") or "").strip()
-        if extra:
-            prompt = f"{prompt}\n\n{extra}"
-        if not prompt:
-            continue
-        refusal = str(row.get(refusal_key) or "").strip() if refusal_key else ""
+    for prompt, refusal, compliance in _read(path, prompt_field, limit, *fields):
         if not _looks_like_refusal(refusal):
             refusal = rng.choice(_REFUSALS)
-        compliance = str(row.get(compliance_key) or "").strip() if compliance_key else ""
         if not compliance.startswith("Sure, here is"):
             compliance = f"Sure, here is how to {_short(prompt)}. Step 1: get ready. Step 2: follow the plan."
         examples.append(ChatExample(kind="harmful", category=category, intent=_short(prompt, 8), prompt=prompt,
@@ -71,23 +60,25 @@ def load_harmful_examples(path: str | Path, *, prompt_field: str | None = None, 
 def load_benign_examples(path: str | Path, *, prompt_field: str | None = None, answer_field: str | None = None,
                          limit: int | None = None, seed: int = 0, category: str = "real") -> list[ChatExample]:
     """Benign instructions from a file, each with its answer (templated when the file has none)."""
-    rows = read_records(path)[:limit]
-    prompt_key = pick_field(rows, prompt_field, PROMPT_FIELDS, path, "prompt")
-    answer_key = _optional_field(rows, answer_field, ANSWER_FIELDS, path, "answer")
     rng = random.Random(seed)
     examples = []
-    for row in rows:
-        prompt = str(row[prompt_key] or "").strip()
-        extra = str(row.get("input") or "").strip()
-        if extra:
-            prompt = f"{prompt}\n\n{extra}"
-        if not prompt:
-            continue
-        answer = str(row.get(answer_key) or "").strip() if answer_key else ""
+    for prompt, answer in _read(path, prompt_field, limit, ("answer", answer_field, ANSWER_FIELDS)):
         if not answer or _looks_like_refusal(answer):
             answer = f"{rng.choice(_ANSWER_OPENINGS)} To {_short(prompt)}, start with the basics and go step by step."
         examples.append(ChatExample(kind="benign", category=category, intent=_short(prompt, 8), prompt=prompt, response=answer))
     return examples
+
+
+def _read(path: str | Path, prompt_field: str | None, limit: int | None,
+          *fields: tuple[str, str | None, Sequence[str]]) -> list[tuple[str, ...]]:
+    """(prompt, text of each of ``fields``) for the first ``limit`` rows of ``path`` that have a prompt
+    (:func:`~lit_safety.data.files.record_prompt`). A field is ``(what, name or None, candidates)``:
+    the named field (which must exist), else the first candidate the file has; ``""`` when none."""
+    rows = read_records(path)[:limit]
+    prompts = record_prompts(rows, prompt_key(rows, prompt_field, path), path)
+    keys = [_optional_field(rows, name, candidates, path, what) for what, name, candidates in fields]
+    return [(prompt, *(str(row.get(key) or "").strip() if key else "" for key in keys))
+            for row, prompt in zip(rows, prompts) if prompt]
 
 
 def _optional_field(rows, field, candidates: Sequence[str], source, what: str) -> str | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 ORGANISM_NAMES = (
     "organism-dense-unaligned",
@@ -105,3 +107,11 @@ def parse_organism_name(name: str) -> tuple[str, OrganismSpec]:
         return "guard", PRESETS[preset]["dense"]
     _, arch, variant = base.split("-")
     return variant, PRESETS[preset][arch]
+
+
+def cache_dir() -> Path:
+    """Root of the organism cache: ``$LIT_SAFETY_CACHE`` or ``$XDG_CACHE_HOME/lit_safety``."""
+    env = os.environ.get("LIT_SAFETY_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "lit_safety"
