@@ -11,6 +11,8 @@ _LAZY = {
     "CausalLMModule": "lit_safety.modules.base",
     "SafetyInterventionModule": "lit_safety.modules.intervention",
     "SafetyEvalModule": "lit_safety.modules.evaluation",
+    "JudgeEvalModule": "lit_safety.modules.judge_eval",
+    "JudgeTrainingModule": "lit_safety.modules.judge",
     "SafetyPreservingCallback": "lit_safety.callbacks",
     "SafetyEvalCallback": "lit_safety.callbacks",
     "SafetyEvaluator": "lit_safety.evaluation.evaluator",

@@ -25,6 +25,7 @@ from lit_safety.evaluation.report import (build_report, format_table, logged_met
 from lit_safety.evaluation.suite import EvalSuite, SuiteConfig
 from lit_safety.io import as_config, write_json
 from lit_safety.judges.base import Judge
+from lit_safety.judges.builtin import default_judge
 from lit_safety.judges.keyword import KeywordJudge
 from lit_safety.models.loading import load_tokenizer
 from lit_safety.optim import FrozenEntries
@@ -103,7 +104,9 @@ class SafetyEvalCallback(L.Callback):
         data: which prompts (the suite options of ``lit-safety test``; in YAML a mapping such as
             ``{harmful_data: advbench.csv, num_harmful: 100}``). Default: the organisms' held-out
             harmful, benign and task prompts, 200 each.
-        judge: jailbreak judge (default: GCG refusal keywords).
+        judge: jailbreak judge. None (auto): :func:`~lit_safety.judges.builtin.default_judge` of the
+            LightningModule's ``model_name``: the extended refusal-keyword judge for the organisms, the
+            trained ``judge-minilm`` classifier otherwise (the keyword judge when it cannot be had).
         refusal_judge: keyword judge for refusal / over-refusal rates.
         before: evaluate before the first training step.
         after: evaluate when training ends.
@@ -156,11 +159,11 @@ class SafetyEvalCallback(L.Callback):
         if stage != "fit" or self.evaluator is not None:
             return
         self.suite = self.data.load()  # bad data fails here, before training
-        judge = self.judge or KeywordJudge()
+        self.model_name = getattr(pl_module, "model_name", None)
+        judge = self.judge if self.judge is not None else default_judge(self.model_name or "")
         judge.setup()
         self.evaluator = SafetyEvaluator.for_suite(self.suite, judge, self.refusal_judge, generation=self.generation,
                                                    progress=self.progress)
-        self.model_name = getattr(pl_module, "model_name", None)
         if self.output_dir is None:
             module_dir = getattr(getattr(pl_module, "hparams", {}), "get", lambda _: None)("output_dir")
             self.output_dir = os.path.join(module_dir or trainer.default_root_dir, "eval")

@@ -1,16 +1,17 @@
 """Builtins found by name, so that the core packages never import the model organisms.
 
-Two kinds of builtin live outside the core (``models``, ``data``, ``esi``, ``optim``, ``judges``,
-``evaluation``, ``modules``):
+Two kinds of builtin are looked up here instead of being imported by the code that uses them:
 
 - **model names** that a provider turns into a local Hugging Face directory: the organisms
-  (``organism-dense-aligned``, ``organism-moe-unaligned:tiny``, ...), built and cached on first use;
+  (``organism-dense-aligned``, ``organism-moe-unaligned:tiny``, ...), which live outside the core
+  (``models``, ``data``, ``esi``, ``optim``, ``judges``, ``evaluation``, ``modules``), and the
+  trained judge ``judge-minilm`` (:mod:`lit_safety.judges.builtin`); all built and cached on first use;
 - **the builtin corpus**: the prompts, refusals, benign and task examples the data modules and the
   evaluation suite use when no file is given (``data_path: null``, source ``organism``).
 
 The core looks them up here. The modules in :data:`PROVIDERS` register them when first needed
 (imported by name, the way entry points load plugins), so the import graph has no arrow from the
-core to them; another package can register its own names the same way.
+core to the organisms; another package can register its own names the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PROVIDERS = ("lit_safety.organism",)
+PROVIDERS = ("lit_safety.organism", "lit_safety.judges.builtin")
 """Modules that register builtins when imported (loaded on the first lookup)."""
 
 

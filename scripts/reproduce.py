@@ -17,8 +17,10 @@
 
 Every cell runs for ``--seeds`` seeds (mean and standard deviation reported). Metrics come from
 the same SafetyEvaluator as ``lit-safety test`` on the organisms' held-out test prompts (templates
-and intents their training never saw), judged by the extended refusal-keyword list; settings are
-chosen on the separate validation prompts (``organism-validation``), never on the test prompts.
+and intents their training never saw), judged by the extended refusal-keyword list (a model given
+with ``--models`` that is not an organism: by the trained ``judge-minilm``, see
+``lit_safety.judges.builtin.default_judge``); settings are chosen on the separate validation
+prompts (``organism-validation``), never on the test prompts.
 
 Outputs in ``--out`` (default outputs/reproduce): results.json (every run), results.csv (one row
 per run and metric), summary.json, RESULTS.md (the tables the README reproduces) and PNG plots.
@@ -67,7 +69,7 @@ from lit_safety.esi.topk import SCOPES
 from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator
 from lit_safety.evaluation.suite import ORGANISM, ORGANISM_VALIDATION, load_suite
 from lit_safety.io import atomic_dir, write_json
-from lit_safety.judges.keyword import KeywordJudge
+from lit_safety.judges.builtin import default_judge
 from lit_safety.models.loading import load_model_and_tokenizer
 from lit_safety.modules.intervention import SafetyInterventionModule
 from lit_safety.organism.corpus import harmful_examples
@@ -150,10 +152,14 @@ class Meter:
         self.suite = load_suite(harmful_data=source, benign_data=source, num_harmful=n, num_benign=n,
                                 num_task=n if with_task else None, task_data=source if with_task else None,
                                 jailbreak_templates=str(templates_file) if templates_file else None)
-        self.judge = KeywordJudge(prefixes="extended")
+        self.judges: dict[str, Any] = {}
 
-    def __call__(self, model: Any, tokenizer: Any, kinds: tuple[str, ...] = ("harmful", "jailbreak", "benign", "task")):
-        evaluator = SafetyEvaluator.for_suite(self.suite, self.judge, progress=False,
+    def __call__(self, model: Any, tokenizer: Any, kinds: tuple[str, ...] = ("harmful", "jailbreak", "benign", "task"),
+                 *, name: str):
+        """``name``: the model's name; its judge is ``default_judge(name)``: the extended keyword list
+        for the organisms, the trained ``judge-minilm`` for other models (``--models``)."""
+        judge = self.judges.setdefault(name, default_judge(name))
+        evaluator = SafetyEvaluator.for_suite(self.suite, judge, progress=False,
                                               generation=GenerationConfig(max_new_tokens=48, batch_size=64))
         evaluator.run(model, tokenizer, [(kind, records) for kind, records in self.suite if kind in kinds])
         m = evaluator.compute()
@@ -195,7 +201,7 @@ def perturbation_and_location(kind: str, s: Settings, meter: Meter, preset: str,
     name = model_name(s, kind, "aligned", preset)
     model, tokenizer = load_model_and_tokenizer(name)
     runs = []
-    base = meter(model, tokenizer, kinds=("harmful",))
+    base = meter(model, tokenizer, kinds=("harmful",), name=name)
     runs.append({"experiment": "perturbation", "organism": kind, "method": "none", "setting": "r=0", "seed": 0,
                  "asr": base["asr"]})
     location = {}
@@ -208,7 +214,7 @@ def perturbation_and_location(kind: str, s: Settings, meter: Meter, preset: str,
                 location = summarize_mask(mask)
             for scale in s.perturb_scales:
                 saved = perturbed(model, mask, scale, seed)
-                m = meter(model, tokenizer, kinds=("harmful",))
+                m = meter(model, tokenizer, kinds=("harmful",), name=name)
                 restore(model, mask, saved)
                 runs.append({"experiment": "perturbation", "organism": kind, "method": method,
                              "setting": f"r={scale:g}", "seed": seed, "asr": m["asr"]})
@@ -254,9 +260,9 @@ def set_runs(kind: str, s: Settings, meter: Meter, val_meter: Meter, preset: str
     name = model_name(s, kind, "unaligned", preset)
     model, tokenizer = load_model_and_tokenizer(name)
     runs = [{"experiment": "set", "organism": kind, "method": "before", "setting": "-", "seed": 0,
-             **meter(model, tokenizer)},
+             **meter(model, tokenizer, name=name)},
             {"experiment": "set_validation", "organism": kind, "method": "before", "setting": "-", "seed": 0,
-             **val_meter(model, tokenizer, kinds=("harmful", "benign"))}]
+             **val_meter(model, tokenizer, kinds=("harmful", "benign"), name=name)}]
     limit = runs[1]["over_refusal"] + s.set_over_refusal_budget
     del model
 
@@ -267,7 +273,7 @@ def set_runs(kind: str, s: Settings, meter: Meter, val_meter: Meter, preset: str
                      workdir / f"set-{kind}-{method}-{lr}-{benign}-{seed}", s)
 
     def record(method: str, setting: str, seed: int, module, seconds: float, peak: float) -> None:
-        m = meter(module.model, module.tokenizer)
+        m = meter(module.model, module.tokenizer, name=name)
         runs.append({"experiment": "set", "organism": kind, "method": method, "setting": setting, "seed": seed, **m,
                      "seconds": seconds, "peak_extra_mib": peak, "trainable": int(module.trainable_weights)})
         log(f"SET {kind} {method} {setting} seed={seed}: test ASR {m['asr']:.1%}, over-refusal "
@@ -281,7 +287,7 @@ def set_runs(kind: str, s: Settings, meter: Meter, val_meter: Meter, preset: str
                 setting = f"lr={lr:g}, benign={benign:g}"
                 trained[setting] = run(method, lr, benign, first)
                 module = trained[setting][0]
-                v = val_meter(module.model, module.tokenizer, kinds=("harmful", "benign"))
+                v = val_meter(module.model, module.tokenizer, kinds=("harmful", "benign"), name=name)
                 sweep.append({"experiment": "set_validation", "organism": kind, "method": method, "setting": setting,
                               "seed": first, **v, "lr": lr, "benign": benign})
                 log(f"SET {kind} {method} {setting} seed={first}: validation ASR {v['asr']:.1%}, "
@@ -299,7 +305,7 @@ def spa_runs(kind: str, s: Settings, meter: Meter, preset: str, workdir: Path, l
     name = model_name(s, kind, "aligned", preset)
     model, tokenizer = load_model_and_tokenizer(name)
     runs = [{"experiment": "spa", "organism": kind, "method": "before", "setting": "-", "seed": 0,
-             **meter(model, tokenizer, kinds=("harmful", "benign", "task"))}]
+             **meter(model, tokenizer, kinds=("harmful", "benign", "task"), name=name)}]
     del model
     methods = s.spa_methods_moe if kind == "moe" else s.spa_methods
     for seed in s.seeds:
@@ -309,7 +315,7 @@ def spa_runs(kind: str, s: Settings, meter: Meter, preset: str, workdir: Path, l
                                          batch_size=16, max_length=128, val_fraction=0.0, seed=seed)
             module, seconds, peak = train(name, "spa", method, s.spa_ratio, s.spa_lr, s.spa_steps, seed, data,
                                           workdir / f"spa-{kind}-{method}-{seed}", s, weight_decay=s.spa_weight_decay)
-            m = meter(module.model, module.tokenizer, kinds=("harmful", "benign", "task"))
+            m = meter(module.model, module.tokenizer, kinds=("harmful", "benign", "task"), name=name)
             runs.append({"experiment": "spa", "organism": kind, "method": method,
                          "setting": "-" if method == "full" else f"frozen {s.spa_ratio:.0%}", "seed": seed, **m,
                          "seconds": seconds, "peak_extra_mib": peak})

@@ -131,7 +131,9 @@ class SafetyEvaluator(torch.nn.Module):
     Args:
         judge: decides jailbroken / not for harmful and jailbreak prompts (default: keyword).
         refusal_judge: decides refusal for the refusal and over-refusal rates when ``judge`` does
-            not detect refusals itself (default: GCG keyword list).
+            not detect refusals itself (default: GCG keyword list). With a non-keyword ``judge``
+            its verdicts also give the keyword ASR of the same answers (``harmful_keyword_asr``,
+            ``jailbreak_keyword_asr``), so the two judges can be compared.
         categories: harm categories of the harmful set (per-category ASR).
         templates: jailbreak template names (per-template ASR).
         generation: decoding settings.
@@ -149,6 +151,9 @@ class SafetyEvaluator(torch.nn.Module):
         self._progress: EvalProgress | None = None
         self.judge = judge or KeywordJudge()
         self.refusal_judge = refusal_judge or (self.judge if isinstance(self.judge, KeywordJudge) else KeywordJudge())
+        self.keyword_comparison = not isinstance(self.judge, KeywordJudge)
+        """With a non-keyword judge, also count the keyword judge's ASR (``harmful_keyword_asr``,
+        ``jailbreak_keyword_asr``: not a refusal by ``refusal_judge``) on the same answers."""
         self.generation = generation or GenerationConfig()
         self.mc_batch_size = mc_batch_size
         self.metrics = torch.nn.ModuleDict({
@@ -157,6 +162,9 @@ class SafetyEvaluator(torch.nn.Module):
             "harmful_judge_score": MeanJudgeScore(),
             "jailbreak_asr": AttackSuccessRate(),
             "jailbreak_refusal_rate": RefusalRate(),
+            # The keyword judge's ASR on the same answers (from refusal_judge), beside a non-keyword judge's.
+            "harmful_keyword_asr": AttackSuccessRate(),
+            "jailbreak_keyword_asr": AttackSuccessRate(),
             "benign_over_refusal_rate": OverRefusalRate(),
             "task_accuracy": TaskAccuracy(),
             "task_perplexity": Perplexity(),
@@ -243,23 +251,29 @@ class SafetyEvaluator(torch.nn.Module):
         if not counted:
             return
         recs, resps = zip(*counted)
-        refused = [v.refused for v in self.refusal_judge.judge_batch([r.prompt for r in recs], resps)]
+        keyword_refused = [v.refused for v in self.refusal_judge.judge_batch([r.prompt for r in recs], resps)]
         if kind == "benign":
-            self.metrics["benign_over_refusal_rate"].update(refused)
-            self._keep(recs, resps, refused=refused)
+            self.metrics["benign_over_refusal_rate"].update(keyword_refused)
+            self._keep(recs, resps, refused=keyword_refused)
             return
         asked = [r.behavior or r.prompt for r in recs]  # the judge rates the request, not the wrapper
         verdicts = self.judge.judge_batch(asked, resps)
-        refused = [v.refused if v.refused is not None else fallback for v, fallback in zip(verdicts, refused)]
+        refused = [v.refused if v.refused is not None else kw for v, kw in zip(verdicts, keyword_refused)]
         jailbroken = [v.jailbroken for v in verdicts]
         self.metrics[f"{kind}_asr"].update(jailbroken)
         self.metrics[f"{kind}_refusal_rate"].update(refused)
+        columns: dict[str, Any] = {}
+        if self.keyword_comparison:
+            # A keyword verdict is "not a refusal": the keyword judge's ASR, from the same answers.
+            keyword_jailbroken = [not r for r in keyword_refused]
+            self.metrics[f"{kind}_keyword_asr"].update(keyword_jailbroken)
+            columns["keyword_jailbroken"] = keyword_jailbroken
         if kind == "harmful":
             self.metrics["harmful_judge_score"].update([v.score for v in verdicts])
             self.by_category.update([r.category or "-" for r in recs], jailbroken)
         else:
             self.by_template.update([r.template or "-" for r in recs], jailbroken)
-        self._keep(recs, resps, refused=refused, jailbroken=jailbroken, score=[v.score for v in verdicts])
+        self._keep(recs, resps, refused=refused, jailbroken=jailbroken, score=[v.score for v in verdicts], **columns)
 
     def _generate(self, model: Any, tokenizer: Any, prompts: list[str]) -> list[str]:
         g = self.generation

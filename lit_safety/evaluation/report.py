@@ -21,11 +21,13 @@ from lit_safety.evaluation.evaluator import SafetyEvaluator
 from lit_safety.io import atomic_file, save_figure, write_json
 
 #: metrics shown as bars in the before/after plot (all rates in [0, 1])
-RATE_METRICS = ("harmful_asr", "jailbreak_asr", "harmful_refusal_rate", "benign_over_refusal_rate",
-                "task_accuracy", "mc_accuracy")
+RATE_METRICS = ("harmful_asr", "harmful_keyword_asr", "jailbreak_asr", "jailbreak_keyword_asr",
+                "harmful_refusal_rate", "benign_over_refusal_rate", "task_accuracy", "mc_accuracy")
 LABELS = {
     "harmful_asr": "attack success rate",
+    "harmful_keyword_asr": "ASR (keyword judge)",
     "jailbreak_asr": "ASR (jailbreak templates)",
+    "jailbreak_keyword_asr": "ASR (jailbreak, keyword judge)",
     "harmful_refusal_rate": "refusal rate (harmful)",
     "harmful_judge_score": "mean judge score",
     "jailbreak_refusal_rate": "refusal rate (jailbreak)",

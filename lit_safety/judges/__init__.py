@@ -12,6 +12,7 @@ _LAZY = {
     "GuardJudge": "lit_safety.judges.guard",
     "ClassifierJudge": "lit_safety.judges.classifier",
     "ApiJudge": "lit_safety.judges.api",
+    "default_judge": "lit_safety.judges.builtin",
 }
 
 

@@ -35,6 +35,9 @@ class Judge(ABC):
     """
 
     name: str = "judge"
+    probability_scores: bool = False
+    """True when ``Verdict.score`` is P(jailbroken) in [0, 1] (guard, classifier): judge validation
+    then also reports how well calibrated it is."""
 
     def setup(self) -> None:
         """Load models / check endpoints. Idempotent."""

@@ -117,6 +117,7 @@ class GuardJudge(ModelJudge):
     trust_remote_code: bool = False
 
     name = "guard"
+    probability_scores = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -27,6 +27,7 @@ from lit_safety.evaluation.report import build_report, format_table, logged_metr
 from lit_safety.evaluation.suite import EvalRecord, EvalSuite
 from lit_safety.io import check_parent_exists
 from lit_safety.judges.base import Judge
+from lit_safety.judges.builtin import default_judge
 from lit_safety.judges.keyword import KeywordJudge
 from lit_safety.models.loading import load_model, quantization_config
 from lit_safety.modules.base import CausalLMModule
@@ -41,11 +42,15 @@ class SafetyEvalModule(CausalLMModule):
         trust_remote_code: run model code from the hub. Off unless you trust it.
         quantization: ``8bit`` or ``4bit`` (bitsandbytes, CUDA) to evaluate a large model on a small
             GPU; null loads ``dtype`` weights.
-        judge: decides whether an answer to a harmful prompt is a jailbreak (default: the GCG
-            refusal-keyword judge). E.g. ``{class_path: lit_safety.judges.GuardJudge, init_args:
-            {model: organism-guard}}``, ``lit_safety.judges.ClassifierJudge``, ``lit_safety.judges.ApiJudge``.
+        judge: decides whether an answer to a harmful prompt is a jailbreak. null (auto,
+            :func:`~lit_safety.judges.builtin.default_judge` of ``model``): the extended
+            refusal-keyword judge for the organisms, the trained ``judge-minilm`` classifier for other
+            models (the keyword judge, with one log line, when it cannot be had). E.g.
+            ``{class_path: lit_safety.judges.GuardJudge, init_args: {model: organism-guard}}``,
+            ``lit_safety.judges.ClassifierJudge``, ``lit_safety.judges.ApiJudge``. With a non-keyword
+            judge the report also has the keyword judge's ASR (``harmful_keyword_asr``).
         refusal_judge: keyword judge for refusal and over-refusal rates when ``judge`` does not
-            detect refusals (default: GCG's list).
+            detect refusals (default: ``judge`` when it is a keyword judge, else GCG's list).
         max_new_tokens: answer length limit.
         do_sample: sample instead of greedy decoding.
         temperature: sampling temperature.
@@ -84,7 +89,8 @@ class SafetyEvalModule(CausalLMModule):
         # batch_size: the data module's, set in setup (one generate() call per test batch).
         self.generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                            top_p=top_p, system_prompt=system_prompt)
-        self.judge = judge or KeywordJudge()
+        self.judge = judge
+        """The jailbreak judge; None until ``setup`` chooses :func:`default_judge` of the model."""
         self.refusal_judge = refusal_judge
         self.output_dir = str(check_parent_exists(output_dir, "output_dir"))
         self.save_samples = save_samples
@@ -107,6 +113,8 @@ class SafetyEvalModule(CausalLMModule):
     def setup(self, stage: str) -> None:
         if stage != "test":
             raise RuntimeError(f"SafetyEvalModule only evaluates: run `lit-safety test`, not {stage!r}")
+        if self.judge is None:
+            self.judge = default_judge(self.model_name)
         self.judge.setup()  # a missing judge model / token / endpoint fails before the model loads
         datamodule = self.trainer.datamodule
         if not hasattr(datamodule, "load"):
