@@ -5,7 +5,7 @@ the other folds of the training part and validates on its own fold (``JudgeDataM
 ``cv_folds``/``cv_fold``). Per setting the mean and spread of F1 (jailbroken class) and accuracy
 over folds; the chosen setting is the highest mean F1. The builtin ``judge-minilm`` uses it.
 
-    python scripts/judge_cv.py --learning-rates 5e-5 1e-4 --folds 3 --out outputs/judge_cv.json
+    python scripts/judge_cv.py --learning-rates 5e-5 1e-4 --folds 2 --out outputs/judge_cv.json
 """
 
 from __future__ import annotations

@@ -230,11 +230,10 @@ def test_classifier_judge_loads_the_saved_judge_and_agrees_exactly(trained):
     module.model.eval()
     with torch.inference_mode():
         expected = torch.softmax(module(records), dim=-1)[:, 1]
-    # pair unset: read from the judge_training.json beside the weights (the judge trained on pairs)
-    judge = ClassifierJudge(model=str(out / "model"), unsafe_label="jailbroken", max_length=256, batch_size=24,
-                            device="cpu")
+    # pair and max_length unset: read from the judge_training.json beside the weights (pairs, 256 tokens)
+    judge = ClassifierJudge(model=str(out / "model"), unsafe_label="jailbroken", batch_size=24, device="cpu")
     got = torch.tensor(judge.unsafe_probabilities(prompts, responses))
-    assert judge.pair is True and torch.allclose(got, expected, atol=1e-6, rtol=0)
+    assert (judge.pair, judge.max_length) == (True, 256) and torch.allclose(got, expected, atol=1e-6, rtol=0)
     as_text = ClassifierJudge(model=str(out / "model"), unsafe_label="jailbroken", pair=False, max_length=256,
                               batch_size=24, device="cpu")
     assert not torch.allclose(torch.tensor(as_text.unsafe_probabilities(prompts, responses)), expected, atol=1e-6)

@@ -79,7 +79,8 @@ class ClassifierJudge(ModelJudge):
             what the judge was trained with, when its directory has a ``judge_training.json``
             (lit-safety's trained judges, ``judge-minilm``: pairs), else False.
         batch_size: pairs per forward pass.
-        max_length: inputs are truncated to this many tokens (also capped by the tokenizer's and
+        max_length: inputs are truncated to this many tokens (None: what a lit-safety-trained judge
+            was trained with, from its ``judge_training.json``, else 512; also capped by the tokenizer's and
             the model's maximum length).
         dtype: dtype the classifier is loaded in (auto, float32, bfloat16, float16).
         device: device of the classifier; None = cuda when available, else cpu.
@@ -92,7 +93,7 @@ class ClassifierJudge(ModelJudge):
     input_format: str = "{prompt} {response}"
     pair: bool | None = None
     batch_size: int = 16
-    max_length: int = 512
+    max_length: int | None = None
     dtype: str = "auto"
     device: str | None = None
     trust_remote_code: bool = False
@@ -106,7 +107,7 @@ class ClassifierJudge(ModelJudge):
             raise ValueError(f"ClassifierJudge.threshold must be in [0, 1], got {self.threshold}")
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:
             raise ValueError(f"ClassifierJudge.batch_size must be an integer >= 1, got {self.batch_size}")
-        if int(self.max_length) != self.max_length or self.max_length < 2:
+        if self.max_length is not None and (int(self.max_length) != self.max_length or self.max_length < 2):
             raise ValueError(f"ClassifierJudge.max_length must be an integer >= 2, got {self.max_length}")
         if isinstance(self.unsafe_label, bool):
             raise ValueError(f"ClassifierJudge.unsafe_label must be a label name or index, got {self.unsafe_label!r}")
@@ -128,8 +129,11 @@ class ClassifierJudge(ModelJudge):
         if self._label_index is None:
             self._resolve_label()
             self._training = self._read_training()
-            if self.pair is None:  # the input the judge was trained on
-                self.pair = bool(((self._training or {}).get("input") or {}).get("pair", False))
+            trained_input = (self._training or {}).get("input") or {}  # the input the judge was trained on
+            if self.pair is None:
+                self.pair = bool(trained_input.get("pair", False))
+            if self.max_length is None:
+                self.max_length = int(trained_input.get("max_length") or 512)
 
     def _read_training(self) -> dict[str, Any] | None:
         # The directory the weights were loaded from (a registered name such as judge-minilm

@@ -121,7 +121,7 @@ class JudgeTrainingModule(L.LightningModule):
             cross-validation runs).
     """
 
-    def __init__(self, model: str = MINILM, learning_rate: float = 5e-5, weight_decay: float = 0.01,
+    def __init__(self, model: str = MINILM, learning_rate: float = 1e-4, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.1, class_weighting: bool = True, max_length: int = 256, pair: bool = True,
                  output_dir: str = "outputs/judge", name: str | None = None, dtype: str = "float32",
                  trust_remote_code: bool = False, save_model: bool = True) -> None:
@@ -340,7 +340,7 @@ class JudgeTrainingModule(L.LightningModule):
 
 
 def fit_judge(labels: str | Path, output_dir: str | Path, *, questions: str | Path | None = None, model: str = MINILM,
-              epochs: int = 1, batch_size: int = 32, learning_rate: float = 5e-5, weight_decay: float = 0.01,
+              epochs: int = 1, batch_size: int = 32, learning_rate: float = 1e-4, weight_decay: float = 0.01,
               warmup_ratio: float = 0.1, class_weighting: bool = True, max_length: int = 256, pair: bool = True,
               val_fraction: float = 0.1, seed: int = 0, num_samples: int | None = None, cv_folds: int = 0,
               cv_fold: int = 0, name: str | None = None, save_model: bool = True, precision: str = "32-true",
