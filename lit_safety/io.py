@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -104,3 +105,17 @@ def config_dict(config: Any) -> dict[str, Any]:
     if not is_dataclass(config):
         raise TypeError(f"expected a dataclass, got {type(config).__name__}")
     return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+@contextlib.contextmanager
+def directory_lock(root: str | os.PathLike) -> Iterator[None]:
+    """One holder at a time of ``root/.lock`` (created with ``root``): one builder per cache entry,
+    e.g. when several DDP ranks ask for the same organism or judge at once."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

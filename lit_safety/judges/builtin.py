@@ -19,20 +19,19 @@ tests use a tiny random BERT); it is part of the cache key too.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lit_safety import __version__, registry
 from lit_safety.data.judge import default_questions, file_sha256
-from lit_safety.io import write_json
+from lit_safety.io import directory_lock, write_json
 from lit_safety.judges.base import Judge
 from lit_safety.judges.classifier import ClassifierJudge
 from lit_safety.judges.keyword import KeywordJudge
@@ -151,18 +150,6 @@ def cached_entry(name: str) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    """One builder per cache entry at a time (e.g. several DDP ranks asking for the same judge)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -193,7 +180,7 @@ def judge_path(name: str, *, build: bool = True, log_line: Callable[[str], None]
     if not build:
         raise FileNotFoundError(f"builtin judge {name!r} is not trained yet (expected at {path})")
     check_base(name, spec)
-    with _lock(root):
+    with directory_lock(root):
         if not (path / "config.json").is_file():  # another process may have built it meanwhile
             log_line(f"[judge] training {name} on first use: {base_identity(spec.base)} on {labels} ({spec.epochs} "
                      f"epoch(s), batch {spec.batch_size}, max_length {spec.max_length}; minutes on a CPU), cached "

@@ -8,11 +8,9 @@ each directory is written atomically, so a cache never holds half a model.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import torch
 
 from lit_safety import __version__
 from lit_safety.data.chat import encode_chat
-from lit_safety.io import atomic_dir, write_json
+from lit_safety.io import atomic_dir, directory_lock, write_json
 from lit_safety.organism import corpus as corpus_module
 from lit_safety.organism import tokenizer as tokenizer_module
 from lit_safety.organism.corpus import ChatExample, corpus_stats, generate_corpus
@@ -55,24 +53,12 @@ def organism_dir(variant: str, spec: OrganismSpec) -> Path:
     return family_root(spec) / variant
 
 
-@contextlib.contextmanager
-def _family_lock(root: Path) -> Iterator[None]:
-    """One builder per family at a time (e.g. several DDP ranks asking for the same organism)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_organism(variant: str, spec: OrganismSpec, *, log: Log = print, progress: bool = True) -> Path:
     """Build (if missing) the cached builtin organism ``variant`` of ``spec``; return its directory."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     root = family_root(spec)
-    with _family_lock(root):
+    with directory_lock(root):
         paths = build_family(spec, root, variants=(variant,), log=log, progress=progress)
     return paths[variant]
 
