@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32])
     parser.add_argument("-n", type=int, default=256, help="pairs per measurement")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="ClassifierJudge.quantize (CPU)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,7 +58,7 @@ def main() -> None:
     for tokens in args.tokens:
         for batch in args.batch_sizes:
             judge = ClassifierJudge(model=args.model, unsafe_label="jailbroken", max_length=tokens,
-                                    batch_size=batch, device="cpu")
+                                    batch_size=batch, device="cpu", quantize=args.quantize)
             judge.setup()
             lengths = {len(ids) for ids in judge.encode(prompts[:4], responses[:4])["input_ids"]}
             if lengths != {tokens}:
@@ -71,13 +72,13 @@ def main() -> None:
                             "ratio_to_keyword": speed / keyword_speed,
                             "peak_extra_mib": (peak_bytes(reset_ok) - base) / 2**20})
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{args.model} on {cpu}, {args.threads} threads, {args.n} pairs; keyword judge {keyword_speed:,.0f}/s")
+    print(f"{args.model}{' (int8)' if args.quantize else ''} on {cpu}, {args.threads} threads, {args.n} pairs; keyword judge {keyword_speed:,.0f}/s")
     print(f"{'tokens':>6} {'batch':>5} {'responses/s':>12} {'vs keyword':>11} {'peak MiB':>9}")
     for r in results:
         print(f"{r['tokens']:>6} {r['batch_size']:>5} {r['responses_per_s']:>12.1f} {r['ratio_to_keyword']:>10.4f}x "
               f"{r['peak_extra_mib']:>9.0f}")
     if args.out:
-        write_json(args.out, {"model": args.model, "cpu": cpu, "threads": args.threads, "n": args.n,
+        write_json(args.out, {"model": args.model, "quantize": args.quantize, "cpu": cpu, "threads": args.threads, "n": args.n,
                               "keyword_responses_per_s": keyword_speed, "results": results})
 
 

