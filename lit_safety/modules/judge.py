@@ -12,7 +12,7 @@ directory works too.
 
 Each validation epoch logs ``val/loss`` (the training loss: class-weighted cross-entropy when
 ``class_weighting``), ``val/accuracy`` and ``val/precision``, ``val/recall``, ``val/f1`` of the
-jailbroken class (torchmetrics, synced across ranks; the DDP padding copies are not counted). At fit
+jailbroken class (JudgeAgreement, the counts judge validation uses; synced across ranks; the DDP padding copies are not counted). At fit
 end ``output_dir/model`` is written atomically: an HF directory that ``ClassifierJudge(model=<dir>,
 unsafe_label="jailbroken", pair=True)`` loads as is, with ``judge_training.json`` beside the weights
 (name, training config, the label file's SHA-256, train/val sizes, final validation metrics);
@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
-from torchmetrics import MeanMetric, SumMetric
-from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, BinaryPrecision, BinaryRecall
+from torchmetrics import MeanMetric
 
 from lit_safety import __version__
 from lit_safety.data.judge import LABEL_NAMES, JudgeDataModule, LabelledResponse, class_counts
+from lit_safety.evaluation.judge_agreement import JudgeAgreement
 from lit_safety.io import atomic_dir, check_parent_exists, write_json
 from lit_safety.judges.classifier import TRAINING_FILE, ClassifierJudge
 from lit_safety.models.loading import ModelLoadError, load_model, load_tokenizer, resolve_dtype
@@ -148,11 +148,7 @@ class JudgeTrainingModule(L.LightningModule):
         """The judge_training.json written at fit end."""
         self._fit_start = 0.0
         self.val_loss = MeanMetric()
-        self.val_n = SumMetric()
-        self.val_accuracy = BinaryAccuracy()
-        self.val_precision = BinaryPrecision()
-        self.val_recall = BinaryRecall()
-        self.val_f1 = BinaryF1Score()
+        self.val_agreement = JudgeAgreement()  # the counts judge validation uses (evaluation/judge_agreement.py)
 
     @property
     def judge_name(self) -> str:
@@ -250,17 +246,16 @@ class JudgeTrainingModule(L.LightningModule):
         labels = torch.tensor([r.label for r in records], device=probs.device)
         predicted = (probs >= 0.5).long()  # ClassifierJudge's verdict at threshold 0.5
         self.val_loss.update(losses, weights)  # sum(w * l) / sum(w) over the whole validation part
-        self.val_n.update(torch.tensor(float(len(records)), device=probs.device))
-        for metric in (self.val_accuracy, self.val_precision, self.val_recall, self.val_f1):
-            metric.update(predicted, labels)
+        self.val_agreement.update(predicted, labels)
 
     def on_validation_epoch_end(self) -> None:
-        n = int(self.val_n.compute().item())
-        metrics = {"loss": self.val_loss, "accuracy": self.val_accuracy, "precision": self.val_precision,
-                   "recall": self.val_recall, "f1": self.val_f1}
-        values = {name: float(metric.compute()) for name, metric in metrics.items()} if n else {}
-        for metric in (*metrics.values(), self.val_n):
-            metric.reset()
+        agreement = self.val_agreement.compute()  # synced across ranks
+        n = sum(agreement["confusion"].values())
+        scores = agreement["metrics"]
+        values = {"loss": float(self.val_loss.compute()),
+                  **{name: scores[name] for name in ("accuracy", "precision", "recall", "f1")}} if n else {}
+        self.val_loss.reset()
+        self.val_agreement.reset()
         if not n:
             return
         for name, value in values.items():
