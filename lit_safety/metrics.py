@@ -66,7 +66,7 @@ class RefusalRate(_RateMetric):
 
 
 class OverRefusalRate(_RateMetric):
-    """Share of benign prompts the model refuses (false refusals)."""
+    """Share of benign (or borderline: harmless but harmful-sounding) prompts the model refuses (false refusals)."""
 
     higher_is_better = False
 

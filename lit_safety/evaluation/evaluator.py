@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lit_safety.data.chat import collate_right_padded, encode_chat
-from lit_safety.evaluation.suite import EvalRecord, EvalSuite, shard_records
+from lit_safety.evaluation.suite import KINDS, OVER_REFUSAL_KINDS, EvalRecord, EvalSuite, shard_records
 from lit_safety.generation import generate_responses, progress_bar
 from lit_safety.judges.base import Judge
 from lit_safety.judges.keyword import KeywordJudge
@@ -135,6 +135,7 @@ class SafetyEvaluator(torch.nn.Module):
             its verdicts also give the keyword ASR of the same answers (``harmful_keyword_asr``,
             ``jailbreak_keyword_asr``), so the two judges can be compared.
         categories: harm categories of the harmful set (per-category ASR).
+        borderline_categories: prompt types of the borderline set (per-category over-refusal).
         templates: jailbreak template names (per-template ASR).
         generation: decoding settings.
         mc_batch_size: questions per forward pass for multiple-choice scoring.
@@ -144,8 +145,8 @@ class SafetyEvaluator(torch.nn.Module):
 
     def __init__(self, judge: Judge | None = None, refusal_judge: KeywordJudge | None = None, *,
                  categories: Sequence[str] = (), templates: Sequence[str] = (),
-                 generation: GenerationConfig | None = None, mc_batch_size: int = 8,
-                 progress: bool = True) -> None:
+                 borderline_categories: Sequence[str] = (), generation: GenerationConfig | None = None,
+                 mc_batch_size: int = 8, progress: bool = True) -> None:
         super().__init__()
         self.progress = progress
         self._progress: EvalProgress | None = None
@@ -166,12 +167,14 @@ class SafetyEvaluator(torch.nn.Module):
             "harmful_keyword_asr": AttackSuccessRate(),
             "jailbreak_keyword_asr": AttackSuccessRate(),
             "benign_over_refusal_rate": OverRefusalRate(),
+            "borderline_over_refusal_rate": OverRefusalRate(),
             "task_accuracy": TaskAccuracy(),
             "task_perplexity": Perplexity(),
             "mc_accuracy": MultipleChoiceAccuracy(),
         })
         self.by_category = CategoryRate(list(categories) or ["-"])
         self.by_template = CategoryRate(list(templates) or ["-"])
+        self.by_borderline_category = CategoryRate(list(borderline_categories) or ["-"])
         self.samples: list[dict[str, Any]] = []
 
     @classmethod
@@ -179,10 +182,11 @@ class SafetyEvaluator(torch.nn.Module):
                   **kwargs: Any) -> SafetyEvaluator:
         """An evaluator whose per-category / per-template metrics cover ``suite``."""
         templates = sorted({r.template for r in suite.records.get("jailbreak", []) if r.template})
-        return cls(judge, refusal_judge, categories=suite.categories, templates=templates, **kwargs)
+        return cls(judge, refusal_judge, categories=suite.categories, templates=templates,
+                   borderline_categories=suite.borderline_categories, **kwargs)
 
     def reset(self) -> None:
-        for metric in (*self.metrics.values(), self.by_category, self.by_template):
+        for metric in (*self.metrics.values(), self.by_category, self.by_template, self.by_borderline_category):
             metric.reset()
         self.samples = []
 
@@ -252,8 +256,10 @@ class SafetyEvaluator(torch.nn.Module):
             return
         recs, resps = zip(*counted)
         keyword_refused = [v.refused for v in self.refusal_judge.judge_batch([r.prompt for r in recs], resps)]
-        if kind == "benign":
-            self.metrics["benign_over_refusal_rate"].update(keyword_refused)
+        if kind in OVER_REFUSAL_KINDS:  # harmless prompts: every refusal is an over-refusal
+            self.metrics[f"{kind}_over_refusal_rate"].update(keyword_refused)
+            if kind == "borderline":
+                self.by_borderline_category.update([r.category or "-" for r in recs], keyword_refused)
             self._keep(recs, resps, refused=keyword_refused)
             return
         asked = [r.behavior or r.prompt for r in recs]  # the judge rates the request, not the wrapper
@@ -349,7 +355,8 @@ class SafetyEvaluator(torch.nn.Module):
     # -- results -------------------------------------------------------------------------------------
     def compute(self) -> dict[str, Any]:
         """Global metrics (synced across ranks): a flat ``name -> value`` dict without empty metrics,
-        plus ``asr_by_category`` / ``asr_by_template`` when there is more than one."""
+        plus ``asr_by_category`` / ``asr_by_template`` / ``borderline_over_refusal_by_category`` (rates
+        per category or template) when there are any."""
         results: dict[str, Any] = {}
         with warnings.catch_warnings():
             # Metrics of sets this evaluation does not have were never updated: they compute NaN and
@@ -359,7 +366,8 @@ class SafetyEvaluator(torch.nn.Module):
                 value = float(metric.compute())
                 if not math.isnan(value):
                     results[name] = value
-            for key, metric in (("asr_by_category", self.by_category), ("asr_by_template", self.by_template)):
+            for key, metric in (("asr_by_category", self.by_category), ("asr_by_template", self.by_template),
+                                ("borderline_over_refusal_by_category", self.by_borderline_category)):
                 rates = {k: v for k, v in metric.compute().items() if not math.isnan(v) and k != "-"}
                 if rates:
                     results[key] = rates
@@ -372,5 +380,5 @@ class SafetyEvaluator(torch.nn.Module):
             gathered: list[list[dict[str, Any]]] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
             torch.distributed.all_gather_object(gathered, samples)
             samples = [s for part in gathered for s in part]
-        order = {"harmful": 0, "jailbreak": 1, "benign": 2, "task": 3, "mc": 4}
+        order = {kind: i for i, kind in enumerate(KINDS)}
         return sorted(samples, key=lambda s: (order.get(s["kind"], 9), s["index"]))

@@ -22,7 +22,8 @@ from lit_safety.io import atomic_file, save_figure, write_json
 
 #: metrics shown as bars in the before/after plot (all rates in [0, 1])
 RATE_METRICS = ("harmful_asr", "harmful_keyword_asr", "jailbreak_asr", "jailbreak_keyword_asr",
-                "harmful_refusal_rate", "benign_over_refusal_rate", "task_accuracy", "mc_accuracy")
+                "harmful_refusal_rate", "benign_over_refusal_rate", "borderline_over_refusal_rate", "task_accuracy",
+                "mc_accuracy")
 LABELS = {
     "harmful_asr": "attack success rate",
     "harmful_keyword_asr": "ASR (keyword judge)",
@@ -32,6 +33,7 @@ LABELS = {
     "harmful_judge_score": "mean judge score",
     "jailbreak_refusal_rate": "refusal rate (jailbreak)",
     "benign_over_refusal_rate": "over-refusal (benign)",
+    "borderline_over_refusal_rate": "over-refusal (borderline)",
     "task_accuracy": "task accuracy",
     "task_perplexity": "task perplexity",
     "mc_accuracy": "multiple-choice accuracy",
@@ -113,8 +115,18 @@ def plot_stages(stages: Sequence[dict[str, Any]], path: Path, title: str = "") -
     return save_figure(fig, path)
 
 
+#: per-category metrics plotted by :func:`plot_categories`: key -> (x axis label, file name, report files key)
+CATEGORY_PLOTS = {
+    "asr_by_category": ("attack success rate (%)", "eval_asr_by_category.png", "category_plot"),
+    "asr_by_template": ("attack success rate (%)", "eval_asr_by_template.png", "template_plot"),
+    "borderline_over_refusal_by_category": ("over-refusal, borderline prompts (%)",
+                                            "eval_borderline_over_refusal_by_category.png", "borderline_category_plot"),
+}
+
+
 def plot_categories(stages: Sequence[dict[str, Any]], path: Path, key: str = "asr_by_category") -> Path | None:
-    """Horizontal bars of ASR per harm category (or per jailbreak template), one bar per stage."""
+    """Horizontal bars of a rate per category (a :data:`CATEGORY_PLOTS` key: ASR per harm category or
+    per jailbreak template, over-refusal per borderline prompt type), one bar per stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +142,7 @@ def plot_categories(stages: Sequence[dict[str, Any]], path: Path, key: str = "as
         ys = [i + (j - (len(stages) - 1) / 2) * height for i in range(len(categories))]
         ax.barh(ys, values, height, label=stage["stage"])
     ax.set_yticks(range(len(categories)), categories, fontsize=7)
-    ax.set_xlabel("attack success rate (%)")
+    ax.set_xlabel(CATEGORY_PLOTS[key][0])
     ax.set_xlim(0, 100)
     ax.invert_yaxis()
     ax.legend(fontsize=8)
@@ -154,13 +166,11 @@ def write_report(output_dir: str | Path, report: dict[str, Any], samples: Sequen
     paths: dict[str, Path] = {}
     stages = report["stages"]
     if plots:
-        for name, fn in (("plot", lambda p: plot_stages(stages, p, report.get("model", ""))),
-                         ("category_plot", lambda p: plot_categories(stages, p)),
-                         ("template_plot", lambda p: plot_categories(stages, p, "asr_by_template"))):
-            target = out / {"plot": "eval_metrics.png", "category_plot": "eval_asr_by_category.png",
-                            "template_plot": "eval_asr_by_template.png"}[name]
-            if fn(target) is not None:
-                paths[name] = target
+        if plot_stages(stages, out / "eval_metrics.png", report.get("model", "")) is not None:
+            paths["plot"] = out / "eval_metrics.png"
+        for key, (_, filename, name) in CATEGORY_PLOTS.items():
+            if plot_categories(stages, out / filename, key) is not None:
+                paths[name] = out / filename
     if samples is not None:
         paths["samples"] = write_samples(out / "samples.jsonl", samples)
     # The report last: its presence means the evaluation (and everything above) is complete.
