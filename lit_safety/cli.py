@@ -4,6 +4,7 @@
     lit-safety fit --config configs/set.yaml --print_config
     lit-safety organism build organism-dense-aligned     # build/cache an organism now
     lit-safety organism eval organism-dense-aligned      # its refusal/answer rates
+    lit-safety models list                               # every builtin model name and its cache state
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from dataclasses import fields
 from typing import Any
 
+import argparse
+
 import jsonargparse
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -21,7 +24,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from lit_safety.esi.selection import METHODS, SelectionConfig
 from lit_safety.evaluation.suite import SuiteConfig
-from lit_safety.organism.cli import organism_main
+from lit_safety.organism.cli import organism_main, print_listing
+from lit_safety.registry import model_listing
 
 # Dataclass fields documented by a string right below them (SelectionConfig, SuiteConfig) get
 # that string as their --help text, as in litgpt.
@@ -30,7 +34,7 @@ jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 DESCRIPTION = (
     "lit-safety: find the safety-critical weights of a causal LM (ESI) and intervene on them "
     "(SET, SPA). Subcommands fit/validate/test/predict take a --config YAML from configs/. "
-    "Model organisms: 'lit-safety organism --help'."
+    "Model organisms: 'lit-safety organism --help'; every builtin model name: 'lit-safety models list'."
 )
 
 
@@ -106,10 +110,27 @@ def scan_init_args(argv: Sequence[str]) -> tuple[dict[str, str], list[tuple[str,
     return classes, entries
 
 
+def models_main(argv: Sequence[str]) -> None:
+    """``lit-safety models list``: the builtin names any ``model:`` option accepts."""
+    parser = argparse.ArgumentParser(
+        prog="lit-safety models",
+        description="Builtin model names that any config's model option accepts besides hub ids, local HF "
+        "directories and GGUF files (path/to/x.gguf or <dir or hub id>::<file>.gguf): the model organisms, "
+        "the real pretrained models that pip ships, and the trained judges, with their cache state under "
+        "$LIT_SAFETY_CACHE (default ~/.cache/lit_safety).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list builtin model names, whether each is built/converted, and where")
+    parser.parse_args(list(argv))
+    print_listing(model_listing())
+
+
 def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "organism":
         organism_main(argv[1:])
+        return
+    if argv and argv[0] == "models":
+        models_main(argv[1:])
         return
     check_renamed_keys(argv)
     model_class = scan_init_args(argv)[0].get("model")

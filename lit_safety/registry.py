@@ -4,8 +4,10 @@ Two kinds of builtin are looked up here instead of being imported by the code th
 
 - **model names** that a provider turns into a local Hugging Face directory: the organisms
   (``organism-dense-aligned``, ``organism-moe-unaligned:tiny``, ...), which live outside the core
-  (``models``, ``data``, ``esi``, ``optim``, ``judges``, ``evaluation``, ``modules``), and the
-  trained judge ``judge-minilm`` (:mod:`lit_safety.judges.builtin`); all built and cached on first use;
+  (``models``, ``data``, ``esi``, ``optim``, ``judges``, ``evaluation``, ``modules``), the
+  trained judge ``judge-minilm`` (:mod:`lit_safety.judges.builtin`) and the real pretrained models
+  that pip ships (``smollm2-135m-instruct``, :mod:`lit_safety.realmodels`); all built, trained or
+  converted and cached on first use;
 - **the builtin corpus**: the prompts, refusals, benign and task examples the data modules and the
   evaluation suite use when no file is given (``data_path: null``, source ``organism``).
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PROVIDERS = ("lit_safety.organism", "lit_safety.judges.builtin")
+PROVIDERS = ("lit_safety.organism", "lit_safety.judges.builtin", "lit_safety.realmodels")
 """Modules that register builtins when imported (loaded on the first lookup)."""
 
 
@@ -34,11 +36,14 @@ class ModelProvider:
         claims: whether a name is meant for this provider (e.g. starts with ``organism-``).
         check: raises ValueError, naming what is wrong, for a claimed name it does not know.
         resolve: ``(name, build)`` -> the HF directory; builds it first when missing and ``build``.
+        listing: ``() ->`` rows ``(name, state, path or None)`` of the names it knows, with their
+            cache state ("built", "not built", "not installed", ...), for ``lit-safety models list``.
     """
 
     claims: Callable[[str], bool]
     check: Callable[[str], None]
     resolve: Callable[[str, bool], Path]
+    listing: Callable[[], list[tuple[str, str, Path | None]]] = lambda: []
 
 
 _model_providers: list[ModelProvider] = []
@@ -68,6 +73,12 @@ def model_provider(name: str) -> ModelProvider | None:
     """The provider that claims ``name``, or None (a hub id or a local directory)."""
     _load_providers()
     return next((p for p in _model_providers if p.claims(name)), None)
+
+
+def model_listing() -> list[tuple[str, str, Path | None]]:
+    """Every builtin model name with its cache state and directory, provider by provider."""
+    _load_providers()
+    return [row for provider in _model_providers for row in provider.listing()]
 
 
 def builtin_corpus() -> Any:

@@ -15,7 +15,6 @@ the columns ``question`` (an integer index into ``gptfuzz_questions.csv``, colum
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from lit_safety.data.datamodules import EpochSeededSampler
 from lit_safety.data.files import DataError, check_counts, read_records
+from lit_safety.io import file_sha256
 from lit_safety.parallel import PreShardedSampler, pad_shard_indices
 
 LABEL_NAMES = {0: "safe", 1: "jailbroken"}
@@ -55,15 +55,6 @@ class WeightedResponse(LabelledResponse):
     counted."""
 
     weight: float = 1.0
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_questions(path: str | Path) -> Path | None:

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from lit_safety import __version__, registry
-from lit_safety.data.judge import default_questions, file_sha256
-from lit_safety.io import directory_lock, write_json
+from lit_safety.data.judge import default_questions
+from lit_safety.io import cache_root, directory_lock, file_sha256, write_json
 from lit_safety.judges.base import Judge
 from lit_safety.judges.classifier import ClassifierJudge
 from lit_safety.judges.keyword import KeywordJudge
@@ -93,14 +93,6 @@ def labels_path() -> Path:
     """The label file builtin judges train on: ``$LIT_SAFETY_JUDGE_LABELS`` or :data:`DEFAULT_LABELS`."""
     env = os.environ.get(LABELS_ENV)
     return Path(env).expanduser() if env else DEFAULT_LABELS
-
-
-def cache_root() -> Path:
-    """``$LIT_SAFETY_CACHE`` or ``$XDG_CACHE_HOME/lit_safety`` (the organisms' cache root too)."""
-    env = os.environ.get("LIT_SAFETY_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "lit_safety"
 
 
 def judges_dir() -> Path:
@@ -234,5 +226,16 @@ def default_judge(model_name: str) -> Judge:
 
 
 # judge-minilm as a model name, for load_model / ClassifierJudge (lit_safety.registry).
+def judge_listing() -> list[tuple[str, str, Path | None]]:
+    """The builtin judges with "trained" / "not trained" and the cached entry (newest, any label file)."""
+    rows: list[tuple[str, str, Path | None]] = []
+    for name in RECIPES:
+        cached = cached_entry(name)
+        rows.append((name, "trained" if cached is not None else "not trained",
+                     cached / "model" if cached is not None else None))
+    return rows
+
+
 registry.register_model_provider(registry.ModelProvider(claims=is_builtin_judge, check=recipe,
-                                                        resolve=lambda name, build: judge_path(name, build=build)))
+                                                        resolve=lambda name, build: judge_path(name, build=build),
+                                                        listing=judge_listing))

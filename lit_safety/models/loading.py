@@ -1,5 +1,5 @@
-"""Load causal LMs and tokenizers by hub id, local HF directory, or builtin name (the organisms,
-through :mod:`lit_safety.registry`).
+"""Load causal LMs and tokenizers by hub id, local HF directory, GGUF file (:mod:`.gguf`), or builtin
+name (the organisms and the real builtin models, through :mod:`lit_safety.registry`).
 
 Every module in lit-safety goes through :func:`load_model` / :func:`load_tokenizer`, so the same
 rules hold everywhere: ``trust_remote_code`` stays off unless the caller sets it, and a missing or
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lit_safety.models.gguf import GGUFError, gguf_model_dir, parse_gguf_spec
 from lit_safety.registry import model_provider
 
 DTYPES: dict[str, torch.dtype | str] = {
@@ -52,8 +53,9 @@ def _looks_like_path(name: str) -> bool:
 def resolve_model_path(name_or_path: str | os.PathLike, *, build_organism: bool = True) -> str:
     """Return what ``from_pretrained`` should receive for ``name_or_path``.
 
-    - a builtin organism name (``organism-dense-aligned`` ...) -> its cached HF directory, built on
-      first use;
+    - a builtin name (``organism-dense-aligned``, ``smollm2-135m-instruct`` ...) -> its cached HF
+      directory, built on first use;
+    - a GGUF file (``model.gguf``, ``<dir or hub id>::<file>.gguf``) -> its cached float conversion;
     - an existing local directory -> checked for a readable ``config.json``;
     - anything else that looks like a path -> :class:`ModelLoadError`;
     - otherwise it is taken as a Hugging Face hub id and returned unchanged.
@@ -61,13 +63,22 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, build_organism: bool 
     name = os.fspath(name_or_path)
     if not name:
         raise ModelLoadError("model name or path is empty")
-    provider = model_provider(name)  # the organisms (lit_safety.registry)
+    try:
+        gguf = parse_gguf_spec(name)
+        if gguf is not None:
+            return str(gguf_model_dir(gguf))
+    except GGUFError as err:
+        raise ModelLoadError(str(err)) from None
+    provider = model_provider(name)  # the organisms, the real builtins (lit_safety.registry)
     if provider is not None:
         try:
             provider.check(name)
         except ValueError as err:
             raise ModelLoadError(str(err)) from None
-        return str(provider.resolve(name, build_organism))
+        try:
+            return str(provider.resolve(name, build_organism))
+        except GGUFError as err:  # a builtin that is a GGUF file
+            raise ModelLoadError(str(err)) from None
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():

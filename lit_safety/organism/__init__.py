@@ -20,7 +20,8 @@ from pathlib import Path
 from lit_safety import registry
 from lit_safety.organism import corpus
 from lit_safety.organism.build import build_organism, organism_dir
-from lit_safety.organism.specs import ORGANISM_NAMES, PRESETS, OrganismSpec, cache_dir, parse_organism_name
+from lit_safety.organism.specs import (GUARD_NAME, ORGANISM_NAMES, PRESETS, OrganismSpec, cache_dir,
+                                      parse_organism_name)
 
 __all__ = [
     "ORGANISM_NAMES",
@@ -55,7 +56,19 @@ def _check_name(name: str) -> None:
     parse_organism_name(name)
 
 
+def organism_listing() -> list[tuple[str, str, Path | None]]:
+    """Every organism name (presets included) with "built" / "not built" and its cache directory."""
+    rows = []
+    for preset in PRESETS:
+        for name in ORGANISM_NAMES + (GUARD_NAME,):
+            full = name if preset == "default" else f"{name}:{preset}"
+            path = organism_dir(*parse_organism_name(full))
+            rows.append((full, "built" if (path / "config.json").is_file() else "not built", path))
+    return rows
+
+
 # The organisms' names and corpus, for the core packages (which never import this package).
 registry.register_model_provider(registry.ModelProvider(claims=is_organism_name, check=_check_name,
-                                                        resolve=lambda name, build: organism_path(name, build=build)))
+                                                        resolve=lambda name, build: organism_path(name, build=build),
+                                                        listing=organism_listing))
 registry.register_corpus(corpus)

@@ -11,11 +11,11 @@ from pathlib import Path
 from lit_safety.data.files import read_prompts
 from lit_safety.io import write_json
 from lit_safety.models.loading import load_model_and_tokenizer
-from lit_safety.organism import organism_path
-from lit_safety.organism.build import build_family, organism_dir
+from lit_safety.organism import organism_listing, organism_path
+from lit_safety.organism.build import build_family
 from lit_safety.organism.evaluate import evaluate_behaviour, refusal_rate
 from lit_safety.organism.realdata import load_benign_examples, load_harmful_examples
-from lit_safety.organism.specs import GUARD_NAME, ORGANISM_NAMES, PRESETS, parse_organism_name
+from lit_safety.organism.specs import ORGANISM_NAMES, parse_organism_name
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,13 +68,13 @@ def organism_main(argv: Sequence[str]) -> None:
 
 
 def _list() -> None:
-    for preset in PRESETS:
-        for name in ORGANISM_NAMES + (GUARD_NAME,):
-            full = name if preset == "default" else f"{name}:{preset}"
-            variant, spec = parse_organism_name(full)
-            path = organism_dir(variant, spec)
-            state = "built" if (path / "config.json").is_file() else "not built"
-            print(f"{full:32s} {state:10s} {path}")
+    print_listing(organism_listing())
+
+
+def print_listing(rows: Sequence[tuple[str, str, Path | None]]) -> None:
+    """One line per builtin model: name, cache state, directory."""
+    for name, state, path in rows:
+        print(f"{name:32s} {state:14s} {path if path is not None else ''}".rstrip())
 
 
 def _build(args: argparse.Namespace) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from lit_safety.io import cache_root
 
 ORGANISM_NAMES = (
     "organism-dense-unaligned",
@@ -110,8 +111,5 @@ def parse_organism_name(name: str) -> tuple[str, OrganismSpec]:
 
 
 def cache_dir() -> Path:
-    """Root of the organism cache: ``$LIT_SAFETY_CACHE`` or ``$XDG_CACHE_HOME/lit_safety``."""
-    env = os.environ.get("LIT_SAFETY_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "lit_safety"
+    """Root of the organism cache (:func:`lit_safety.io.cache_root`)."""
+    return cache_root()
