@@ -129,3 +129,22 @@ def test_real_record_shapes(relative, key):
     assert prompt_key(rows, None, path) == key
     prompts = read_prompts(path)
     assert prompts[0] == str(rows[0][key]).strip() and len(prompts) == len(rows)
+
+
+def test_benign_share_is_kept_when_the_benign_file_is_short(tmp_path, caplog):
+    """600 self answers cannot be 2/3 of 2000 refusal pairs: the mix uses fewer refusals instead of a
+    silently lower benign share."""
+    refusals = tmp_path / "refusals.json"
+    refusals.write_text(json.dumps([{"instruction": f"harm {i}", "output": "No."} for i in range(100)]))
+    benign = tmp_path / "samples.jsonl"
+    benign.write_text("".join(json.dumps({"kind": "benign", "prompt": f"help {i}", "response": f"ok {i}"}) + "\n"
+                              for i in range(10)))
+    with caplog.at_level("WARNING"):
+        pairs = RefusalDataModule(data_path=str(refusals), benign_path=str(benign), benign_ratio=2 / 3,
+                                  num_samples=100).load_pairs()
+    harmful = [p for p, _ in pairs if p.startswith("harm")]
+    assert len(pairs) == 15 and len(harmful) == 5 and sorted(r for p, r in pairs if p.startswith("help")) == \
+        sorted(f"ok {i}" for i in range(10))
+    assert "has 10 benign pairs, not the 200 that 100 harmful pairs need; using 5 harmful pairs" in caplog.text
+    full = RefusalDataModule(data_path=str(refusals), benign_path=str(benign), benign_ratio=0.5, num_samples=10)
+    assert len(full.load_pairs()) == 20  # enough benign pairs: 10 + 10, as before

@@ -6,6 +6,7 @@ The tokenizer is named by the model it belongs to (the CLI links ``model.init_ar
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from functools import partial
@@ -27,6 +28,8 @@ from lit_safety.data.files import (
 )
 from lit_safety.models.loading import load_tokenizer
 from lit_safety.registry import builtin_corpus
+
+log = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
 RESPONSE_FIELDS = ("output", "response", "answer", "completion")
@@ -160,7 +163,15 @@ class RefusalDataModule(ChatPairsDataModule):
     def make_pairs(self) -> list[Pair]:
         harmful = self._harmful_pairs()
         n_benign = _count_for_share(len(harmful), self.benign_ratio)
-        return harmful + (self._benign_pairs(n_benign) if n_benign else [])
+        benign = self._benign_pairs(n_benign) if n_benign else []
+        if len(benign) < n_benign:
+            # Fewer benign pairs than the share needs: keep the share by using fewer harmful pairs.
+            keep = max(1, round(len(benign) * (1.0 - self.benign_ratio) / self.benign_ratio))
+            log.warning("benign_ratio %.2f: %s has %d benign pairs, not the %d that %d harmful pairs need; using %d "
+                        "harmful pairs to keep the share", self.benign_ratio, self.benign_path or "the organism corpus",
+                        len(benign), n_benign, len(harmful), keep)
+            harmful = harmful[:keep]
+        return harmful + benign
 
     def _harmful_pairs(self) -> list[Pair]:
         if self.data_path is None:
