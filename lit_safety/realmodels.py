@@ -9,20 +9,36 @@ does not need: the file is found without importing the package, and converted on
 safetensors model by :mod:`lit_safety.models.gguf`. It complies with harmful requests: a real
 unaligned model, SET's subject.
 
+``smollm2-135m-instruct-aligned`` is that model after full-parameter safety SFT (:class:`AlignRecipe`),
+built on first use and cached like the organisms: circuit-breakers harmful -> refusal pairs (every
+25th pair held out, for validation) mixed 1:1 with the base model's OWN greedy answers to benign
+Alpaca instructions, so that alignment changes refusals and not the model's style. It needs the
+public data in ``$LIT_SAFETY_DATA`` (default ``<repo>/../shared/data``).
+
 Registered in :mod:`lit_safety.registry`, so every ``model:`` option, ``load_model`` and
 ``lit-safety models list`` know the names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-from dataclasses import dataclass
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lit_safety import registry
-from lit_safety.io import file_sha256
+import lightning as L
+
+from lit_safety import __version__, registry
+from lit_safety.data.datamodules import RefusalDataModule
+from lit_safety.data.files import prompt_key, read_records, record_prompts
+from lit_safety.generation import generate_responses
+from lit_safety.io import cache_root, directory_lock, file_sha256, write_json
 from lit_safety.models.gguf import SOURCE_RECORD, GGUFSpec, entry_dir, gguf_model_dir
-from lit_safety.models.loading import ModelLoadError
+from lit_safety.models.loading import ModelLoadError, load_model_and_tokenizer
+from lit_safety.modules.intervention import SafetyInterventionModule
 
 
 @dataclass(frozen=True)
@@ -47,13 +63,123 @@ REAL_MODELS: dict[str, PackagedGGUF] = {
 }
 
 
+DATA_ENV = "LIT_SAFETY_DATA"
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+"""``<repo>/../shared/data``: the public benchmark data an aligned variant is trained on."""
+
+
+@dataclass(frozen=True)
+class AlignRecipe:
+    """How an aligned variant is built from its base by full-parameter safety SFT (every field is
+    part of its cache key, with the data files' hashes)."""
+
+    base: str
+    """The model aligned: a builtin name, hub id or directory."""
+    refusals: str = "refusals/circuit_breakers_train.json"
+    """Harmful instruction -> refusal pairs, relative to ``$LIT_SAFETY_DATA`` (or absolute)."""
+    benign_instructions: str = "instructions/harmless_instructions_train.json"
+    """Benign instructions whose answers, by the base model itself, are mixed in."""
+    num_benign: int = 600
+    """The first instructions of ``benign_instructions`` answered by the base (rows 0..num_benign-1)."""
+    holdout_every: int = 25
+    """Every n-th refusal pair is held out of training (the validation prompts of scripts/reproduce.py)."""
+    benign_ratio: float = 0.5
+    steps: int = 150
+    learning_rate: float = 3e-5
+    batch_size: int = 8
+    max_length: int = 128
+    max_new_tokens: int = 128
+    """Length of the base model's benign answers."""
+    seed: int = 0
+
+
+ALIGNED: dict[str, AlignRecipe] = {
+    "smollm2-135m-instruct-aligned": AlignRecipe(base="smollm2-135m-instruct"),
+}
+"""Aligned variants by name. A module-level setting: add or replace an entry to build another."""
+
+
 def is_real_model_name(name: str) -> bool:
-    return str(name) in REAL_MODELS
+    return str(name) in REAL_MODELS or str(name) in ALIGNED
 
 
 def check_name(name: str) -> None:
-    if name not in REAL_MODELS:
-        raise ValueError(f"unknown builtin model {name!r}; known: {sorted(REAL_MODELS)}")
+    if name not in REAL_MODELS and name not in ALIGNED:
+        raise ValueError(f"unknown builtin model {name!r}; known: {sorted([*REAL_MODELS, *ALIGNED])}")
+
+
+def data_path(relative: str) -> Path:
+    root = Path(os.environ.get(DATA_ENV) or DEFAULT_DATA).expanduser()
+    path = Path(relative).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def aligned_entry(name: str) -> Path:
+    """The cache entry of aligned variant ``name``: keyed by its recipe and its data files' hashes."""
+    recipe = ALIGNED[name]
+    files = {}
+    for field in ("refusals", "benign_instructions"):
+        path = data_path(getattr(recipe, field))
+        if not path.is_file():
+            raise ModelLoadError(f"{name} is trained on first use from {path}, which does not exist; put the public "
+                                 f"data there ({DEFAULT_DATA}) or set {DATA_ENV}=/path/to/shared/data")
+        files[field] = file_sha256(path)
+    key = {"recipe": asdict(recipe), "data_sha256": files, "library_version": __version__}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "aligned" / f"{name}-{digest}"
+
+
+def build_aligned(name: str, root: Path, *, log_line=_stderr) -> Path:
+    """Align ``name``'s base into ``root/model`` (HF format, written atomically by the module's export)."""
+    recipe = ALIGNED[name]
+    model, tokenizer = load_model_and_tokenizer(recipe.base)
+    rows = read_records(str(data_path(recipe.benign_instructions)))[:recipe.num_benign]
+    prompts = record_prompts(rows, prompt_key(rows, None, recipe.benign_instructions), recipe.benign_instructions)
+    log_line(f"[aligned] {name}: the base's own greedy answers to {len(prompts)} benign instructions")
+    answers = generate_responses(model, tokenizer, prompts, max_new_tokens=recipe.max_new_tokens, batch_size=32,
+                                 progress=True, desc="self answers")
+    del model
+    benign = root / "self_answers.json"
+    pairs = [{"instruction": p, "output": a} for p, a in zip(prompts, answers) if a.strip()]
+    write_json(benign, pairs)
+    refusal_rows = json.loads(data_path(recipe.refusals).read_text())
+    refusals = root / "refusals_train.json"
+    write_json(refusals, [r for i, r in enumerate(refusal_rows) if i % recipe.holdout_every])
+    log_line(f"[aligned] {name}: full-parameter SFT of {recipe.base}, {recipe.steps} steps, lr {recipe.learning_rate:g}, "
+             f"batch {recipe.batch_size} x {recipe.max_length}, benign share {recipe.benign_ratio:g}")
+    L.seed_everything(recipe.seed, verbose=False)
+    module = SafetyInterventionModule(model=recipe.base, intervention="full", learning_rate=recipe.learning_rate,
+                                      output_dir=str(root))
+    data = RefusalDataModule(tokenizer=recipe.base, data_path=str(refusals), benign_path=str(benign),
+                             benign_ratio=recipe.benign_ratio,
+                             num_samples=max(1, round(len(pairs) * (1 - recipe.benign_ratio) / recipe.benign_ratio)),
+                             batch_size=recipe.batch_size, max_length=recipe.max_length, val_fraction=0.0,
+                             seed=recipe.seed)
+    trainer = L.Trainer(max_steps=recipe.steps, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                        enable_model_summary=False, default_root_dir=str(root))
+    trainer.fit(module, datamodule=data)
+    return root / "model"
+
+
+def aligned_dir(name: str, build: bool = True, *, log_line=_stderr) -> Path:
+    """The cached HF directory of aligned variant ``name``, trained first when missing and ``build``."""
+    root = aligned_entry(name)
+    path = root / "model"
+    if (path / "config.json").is_file():
+        return path
+    if not build:
+        raise FileNotFoundError(f"builtin model {name!r} is not built yet (expected at {path})")
+    with directory_lock(root):
+        if not (path / "config.json").is_file():
+            log_line(f"[aligned] building {name} on first use in {root} (minutes to tens of minutes on a CPU)")
+            build_aligned(name, root, log_line=log_line)
+            write_json(root / "builtin.json", {"name": name, "recipe": asdict(ALIGNED[name])})
+            log_line(f"[aligned] saved {path}")
+    return path
 
 
 def gguf_file(name: str) -> Path:
@@ -72,7 +198,10 @@ def gguf_file(name: str) -> Path:
 
 
 def model_dir(name: str, build: bool = True) -> Path:
-    """The cached float32 HF directory of builtin ``name`` (converted from its GGUF on first use)."""
+    """The cached float32 HF directory of builtin ``name``: converted from its GGUF, or for an aligned
+    variant trained from its base, on first use."""
+    if name in ALIGNED:
+        return aligned_dir(name, build)
     return gguf_model_dir(GGUFSpec(None, str(gguf_file(name))), build=build)
 
 
@@ -87,7 +216,14 @@ def cache_state(name: str) -> tuple[str, Path | None]:
 
 
 def listing() -> list[tuple[str, str, Path | None]]:
-    return [(name, *cache_state(name)) for name in REAL_MODELS]
+    rows: list[tuple[str, str, Path | None]] = [(name, *cache_state(name)) for name in REAL_MODELS]
+    for name in ALIGNED:
+        try:
+            path = aligned_entry(name) / "model"
+            rows.append((name, "built" if (path / "config.json").is_file() else "not built", path))
+        except ModelLoadError:
+            rows.append((name, "no data", None))
+    return rows
 
 
 registry.register_model_provider(registry.ModelProvider(claims=is_real_model_name, check=check_name,

@@ -77,6 +77,26 @@ def test_print_config_resolves(config, capsys):
     assert resolved["trainer"]["max_epochs" if config == "esi.yaml" else "max_steps"] >= 1
 
 
+@pytest.mark.parametrize("subcommand, job, stacked", [
+    ("fit", "esi.yaml", "esi.yaml"), ("fit", "set.yaml", "set.yaml"), ("fit", "spa.yaml", "spa.yaml"),
+    ("test", "eval.yaml", "eval.yaml"), ("test", "eval.yaml", "self_answers.yaml")])
+def test_smollm2_configs_stack_on_their_job(subcommand, job, stacked, capsys):
+    """configs/models/smollm2/<job>.yaml stacks after configs/<job>.yaml: every key it sets is one that
+    job's classes accept, and the model is the real SmolLM2 (no model is loaded to print the config)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--config", str(REPO / "configs" / job), "--config",
+              str(REPO / "configs" / "models" / "smollm2" / stacked), "--print_config"])
+    assert exit_info.value.code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    model = resolved["model"]["init_args"]["model"]
+    assert model == ("smollm2-135m-instruct-aligned" if stacked == "spa.yaml" else "smollm2-135m-instruct")
+    data = resolved["data"]["init_args"]
+    shared = json.dumps(data) + json.dumps(resolved["trainer"].get("callbacks"))
+    assert "organism" not in shared  # every prompt set is real data, none the organisms' corpus
+    if stacked == "set.yaml":
+        assert data["benign_path"] == "outputs/smollm2-self-answers/samples.jsonl"
+
+
 def test_eval_config_groups_the_suite_options(capsys):
     """The evaluation suite's options are one typed SuiteConfig: nested, documented, same defaults."""
     with pytest.raises(SystemExit) as exit_info:
