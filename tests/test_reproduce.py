@@ -98,3 +98,31 @@ def test_reproduce_quick_writes_a_complete_finite_table(tmp_path, tiny_dense_ali
         assert heading in table
     assert "nan" not in table.lower()
     assert all(0.0 <= r["asr"] <= 1.0 for r in runs if r.get("asr") is not None)
+
+
+def test_smollm2_validation_splits_are_disjoint_from_training_and_reported_data(tmp_path, synthetic_shared_data,
+                                                                                monkeypatch):
+    """--model smollm2 chooses SET settings on held-out circuit-breakers pairs and harmless-train
+    instructions that neither SET, nor its ESI mask, nor the self answers, nor the test prompts use."""
+    driver = _driver()
+    refusals = [{"instruction": f"harm {i}", "input": "", "output": f"No {i}."} for i in range(2000)]
+    synthetic_shared_data.write("refusals/circuit_breakers_train.json", refusals)
+    synthetic_shared_data.write("instructions/harmless_instructions_train.json",
+                                [{"instruction": f"help {i}", "category": "x"} for i in range(700)])
+    answers = tmp_path / "samples.jsonl"
+    monkeypatch.setattr(driver, "SHARED", synthetic_shared_data.root)
+    monkeypatch.setattr(driver, "SMOLLM2_SELF_ANSWERS", answers)
+    with pytest.raises(SystemExit, match="make them first with  lit-safety test --config configs/eval.yaml"):
+        driver.parse_settings(["--model", "smollm2", "--out", str(tmp_path / "r")])
+    answers.write_text("".join(json.dumps({"prompt": f"help {i}", "response": "ok"}) + "\n" for i in range(600)))
+    _, s = driver.parse_settings(["--model", "smollm2", "--out", str(tmp_path / "r")])
+    read = lambda path: json.loads(Path(path).read_text())  # noqa: E731
+    trained = read(s.set_data)
+    assert s.esi_data == s.set_data and s.set_benign_data == str(answers)
+    assert trained == [r for i, r in enumerate(refusals) if i % 25]
+    assert read(s.validation_suite["harmful_data"]) == [refusals[i] for i in range(0, 25 * 64, 25)]
+    assert [r["instruction"] for r in read(s.validation_suite["benign_data"])] == [f"help {i}" for i in range(600, 664)]
+    assert s.test_suite["harmful_data"].endswith("advbench/harmful_behaviors.csv")
+    assert s.models == {"unaligned": "smollm2-135m-instruct"} and s.set_selection_metric == "keyword_asr"
+    with pytest.raises(SystemExit):
+        driver.parse_settings(["--model", "smollm2", "--organisms", "dense", "--out", str(tmp_path / "r")])
