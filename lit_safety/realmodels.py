@@ -108,6 +108,11 @@ def check_name(name: str) -> None:
         raise ValueError(f"unknown builtin model {name!r}; known: {sorted([*REAL_MODELS, *ALIGNED])}")
 
 
+def split_heldout(rows: list, every: int) -> tuple[list, list]:
+    """(training rows, held-out rows): every ``every``-th row (0, every, 2*every, ...) is held out."""
+    return [r for i, r in enumerate(rows) if i % every], [r for i, r in enumerate(rows) if i % every == 0]
+
+
 def data_path(relative: str) -> Path:
     root = Path(os.environ.get(DATA_ENV) or DEFAULT_DATA).expanduser()
     path = Path(relative).expanduser()
@@ -148,7 +153,7 @@ def build_aligned(name: str, root: Path, *, log_line=_stderr) -> Path:
     write_json(benign, pairs)
     refusal_rows = json.loads(data_path(recipe.refusals).read_text())
     refusals = root / "refusals_train.json"
-    write_json(refusals, [r for i, r in enumerate(refusal_rows) if i % recipe.holdout_every])
+    write_json(refusals, split_heldout(refusal_rows, recipe.holdout_every)[0])
     log_line(f"[aligned] {name}: full-parameter SFT of {recipe.base}, {recipe.steps} steps, lr {recipe.learning_rate:g}, "
              f"batch {recipe.batch_size} x {recipe.max_length}, benign share {recipe.benign_ratio:g}")
     L.seed_everything(recipe.seed, verbose=False)
