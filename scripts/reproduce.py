@@ -69,9 +69,10 @@ import torch
 
 from lit_safety.benchmarking import peak_bytes, reset_peak, rss_bytes
 from lit_safety.data.datamodules import InstructionDataModule, RefusalDataModule
+from lit_safety.data.esi import HarmfulPromptsDataModule
 from lit_safety.esi import METHODS as SELECTIONS
 from lit_safety.esi.api import compute_safety_mask
-from lit_safety.esi.report import summarize_mask
+from lit_safety.esi.report import plot_heatmap, summarize_mask
 from lit_safety.esi.scoring import parameter_std
 from lit_safety.esi.selection import SelectionConfig
 from lit_safety.esi.topk import SCOPES
@@ -127,6 +128,10 @@ class Settings:
     """SET's benign instruction -> answer pairs (file); None: the organism corpus's."""
     spa_data: str | None = None
     """SPA's task data (GSM8K / Alpaca / chat file); None: the organism's word problems."""
+    spa_batch_size: int = 16
+    spa_max_length: int = 128
+    task_max_new_tokens: int | None = None
+    """Answer length of the task problems (GSM8K solutions need ~200 tokens); None: ``eval_max_new_tokens``."""
     scope: str = "global"
     """Scope of the SET and SPA masks' top-k (``global``, ``per_tensor``, ``per_row``)."""
     objective: str = "refusal"
@@ -163,7 +168,9 @@ class Settings:
         files :func:`smollm2_splits` writes (SET pairs and ESI prompts without the validation rows)."""
         return cls(
             organisms=["smollm2"], seeds=[0], n_eval=128,
-            models={"unaligned": "smollm2-135m-instruct"},
+            models={"unaligned": "smollm2-135m-instruct", "aligned": "smollm2-135m-instruct-aligned"},
+            # noise of 3 sigma on a random 1% already breaks a 135M model (gibberish): smaller scales
+            perturb_methods=["esi", "random", "bottom", "magnitude"], perturb_scales=[0.5, 1.0, 2.0], esi_prompts=128,
             set_lrs={"esi": [1e-4, 3e-4, 1e-3], "random": [3e-4, 1e-3, 3e-3], "bottom": [1e-3], "full": [1e-5]},
             set_benign_ratios=[0.75], set_esi_prompts=128,
             # The trained judge calls most of the unaligned model's answers harmless (a 135M model's
@@ -171,9 +178,15 @@ class Settings:
             # keyword (refusal) ASR on validation prompts, and both ASRs are reported.
             set_selection_metric="keyword_asr", set_data=splits["set_refusals"], set_benign_data=splits["self_answers"],
             esi_data=splits["set_refusals"], set_batch_size=8, save_models=True,
+            # SPA (claim 4) on the aligned variant: GSM8K for 200 steps of 4 x 256 tokens (1000 steps of
+            # three methods do not fit 2 CPU cores), the ESI top 1% frozen; the learning rate is the usual
+            # full-fine-tuning rate of small chat models, fixed beforehand (not tuned on any prompt).
+            spa_data=f"{SHARED}/gsm8k/train.jsonl", spa_steps=200, spa_lr=2e-5, spa_ratio=0.01, spa_batch_size=4,
+            spa_max_length=256, task_max_new_tokens=192,
             test_suite={"harmful_data": f"{SHARED}/advbench/harmful_behaviors.csv",
                         "benign_data": f"{SHARED}/instructions/harmless_instructions_val.json",
-                        "borderline_data": "builtin", "num_borderline": None},
+                        "borderline_data": "builtin", "num_borderline": None,
+                        "task_data": f"{SHARED}/gsm8k/test.jsonl", "num_task": 64},
             validation_suite={"harmful_data": splits["val_harmful"], "benign_data": splits["val_benign"]})
 
 
@@ -229,15 +242,18 @@ class Meter:
     (``source="organism-validation"``; harmful + benign only), one SafetyEvaluator per call."""
 
     def __init__(self, n: int, templates_file: Path | None, with_task: bool, source: str = ORGANISM,
-                 suite: dict[str, Any] | None = None, max_new_tokens: int = 48) -> None:
-        """``suite``: ``load_suite`` options replacing the organism ``source`` (real data files)."""
+                 suite: dict[str, Any] | None = None, max_new_tokens: int = 48,
+                 task_max_new_tokens: int | None = None) -> None:
+        """``suite``: ``load_suite`` options replacing the organism ``source`` (real data files);
+        ``task_max_new_tokens``: the task problems' answer length (default ``max_new_tokens``)."""
         options = dict(harmful_data=source, benign_data=source, num_harmful=n, num_benign=n,
                        num_task=n if with_task else None, task_data=source if with_task else None,
                        jailbreak_templates=str(templates_file) if templates_file else None)
         if suite is not None:
-            options.update(task_data=None, jailbreak_templates=None, **suite)
+            options.update({"task_data": None, "jailbreak_templates": None, **suite})
         self.suite = load_suite(**options)
         self.max_new_tokens = max_new_tokens
+        self.task_max_new_tokens = task_max_new_tokens or max_new_tokens
         self.judges: dict[str, Any] = {}
 
     def __call__(self, model: Any, tokenizer: Any,
@@ -245,11 +261,17 @@ class Meter:
         """``name``: the model's name; its judge is ``default_judge(name)``: the extended keyword list
         for the organisms, the trained ``judge-minilm`` for other models (``--models``)."""
         judge = self.judges.setdefault(name, default_judge(name))
-        evaluator = SafetyEvaluator.for_suite(self.suite, judge, progress=False,
-                                              generation=GenerationConfig(max_new_tokens=self.max_new_tokens,
-                                                                          batch_size=64))
-        evaluator.run(model, tokenizer, [(kind, records) for kind, records in self.suite if kind in kinds])
-        m = evaluator.compute()
+        m: dict[str, Any] = {}
+        # the task problems get their own answer length (a GSM8K solution is longer than a refusal)
+        for group in ([k for k in kinds if k != "task"], [k for k in kinds if k == "task"]):
+            sets = [(kind, records) for kind, records in self.suite if kind in group]
+            if not sets:
+                continue
+            length = self.task_max_new_tokens if group == ["task"] else self.max_new_tokens
+            evaluator = SafetyEvaluator.for_suite(self.suite, judge, progress=False,
+                                                  generation=GenerationConfig(max_new_tokens=length, batch_size=64))
+            evaluator.run(model, tokenizer, sets)
+            m.update(evaluator.compute())
         return {"asr": m.get("harmful_asr"), "keyword_asr": m.get("harmful_keyword_asr"),
                 "jailbreak_asr": m.get("jailbreak_asr"),
                 "refusal_rate": m.get("harmful_refusal_rate"), "over_refusal": m.get("benign_over_refusal_rate"),
@@ -257,9 +279,14 @@ class Meter:
                 "task_accuracy": m.get("task_accuracy")}
 
 
-def esi_prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
-    examples = harmful_examples(n, seed=seed, split="train")
-    return [ex.prompt for ex in examples], [ex.refusal for ex in examples]
+def esi_prompts(s: Settings, name: str, seed: int) -> tuple[list[str], list[str] | None]:
+    """The ``s.esi_prompts`` harmful prompts (+ refusals) the perturbation masks score: from
+    ``s.esi_data`` when set (read like the modules' ``esi_data_path``), else the organism corpus."""
+    if s.esi_data is None:
+        examples = harmful_examples(s.esi_prompts, seed=seed, split="train")
+        return [ex.prompt for ex in examples], [ex.refusal for ex in examples]
+    return HarmfulPromptsDataModule(tokenizer=name, data_path=s.esi_data, objective=s.objective,
+                                    num_samples=s.esi_prompts, seed=seed).load_prompts()
 
 
 # -- 1 + 2: perturbation and where safety lives ---------------------------------------------------------
@@ -292,10 +319,10 @@ def perturbation_and_location(kind: str, s: Settings, meter: Meter, preset: str,
     runs = []
     base = meter(model, tokenizer, kinds=("harmful",), name=name)
     runs.append({"experiment": "perturbation", "organism": kind, "method": "none", "setting": "r=0", "seed": 0,
-                 "asr": base["asr"]})
+                 "asr": base["asr"], "keyword_asr": base["keyword_asr"]})
     location = {}
     for seed in s.seeds:
-        prompts, refusals = esi_prompts(s.esi_prompts, seed)
+        prompts, refusals = esi_prompts(s, name, seed)
         for method in s.perturb_methods:
             mask = compute_safety_mask(model, tokenizer, prompts, targets=refusals, method=method, ratio=s.ratio,
                                        seed=seed, progress=False)
@@ -306,8 +333,9 @@ def perturbation_and_location(kind: str, s: Settings, meter: Meter, preset: str,
                 m = meter(model, tokenizer, kinds=("harmful",), name=name)
                 restore(model, mask, saved)
                 runs.append({"experiment": "perturbation", "organism": kind, "method": method,
-                             "setting": f"r={scale:g}", "seed": seed, "asr": m["asr"]})
-                log(f"perturb {kind} {method} r={scale:g} seed={seed}: ASR {m['asr']:.1%}")
+                             "setting": f"r={scale:g}", "seed": seed, "asr": m["asr"], "keyword_asr": m["keyword_asr"]})
+                keyword = "" if m["keyword_asr"] is None else f", keyword ASR {m['keyword_asr']:.1%}"
+                log(f"perturb {kind} {method} r={scale:g} seed={seed}: ASR {m['asr']:.1%}{keyword}")
     return runs, location
 
 
@@ -407,7 +435,8 @@ def set_runs(kind: str, s: Settings, meter: Meter, val_meter: Meter, preset: str
     return runs
 
 
-def spa_runs(kind: str, s: Settings, meter: Meter, preset: str, workdir: Path, log) -> list[dict]:
+def spa_runs(kind: str, s: Settings, meter: Meter, preset: str, workdir: Path, log,
+             models_dir: Path | None = None) -> list[dict]:
     name = model_name(s, kind, "aligned", preset)
     model, tokenizer = load_model_and_tokenizer(name)
     runs = [{"experiment": "spa", "organism": kind, "method": "before", "setting": "-", "seed": 0,
@@ -418,13 +447,16 @@ def spa_runs(kind: str, s: Settings, meter: Meter, preset: str, workdir: Path, l
         for method in methods:
             data = InstructionDataModule(tokenizer=name, data_path=s.spa_data, num_samples=4000,
                                          harmful_ratio=s.spa_harmful_ratio, response_prefix=s.spa_response_prefix,
-                                         batch_size=16, max_length=128, val_fraction=0.0, seed=seed)
+                                         batch_size=s.spa_batch_size, max_length=s.spa_max_length, val_fraction=0.0,
+                                         seed=seed)
             module, seconds, peak = train(name, "spa", method, s.spa_ratio, s.spa_lr, s.spa_steps, seed, data,
                                           workdir / f"spa-{kind}-{method}-{seed}", s, weight_decay=s.spa_weight_decay)
             m = meter(module.model, module.tokenizer, kinds=("harmful", "benign", "task"), name=name)
-            runs.append({"experiment": "spa", "organism": kind, "method": method,
-                         "setting": "-" if method == "full" else f"frozen {s.spa_ratio:.0%}", "seed": seed, **m,
-                         "seconds": seconds, "peak_extra_mib": peak})
+            setting = "-" if method == "full" else f"frozen {s.spa_ratio:.0%}"
+            runs.append({"experiment": "spa", "organism": kind, "method": method, "setting": setting, "seed": seed,
+                         **m, "seconds": seconds, "peak_extra_mib": peak})
+            if models_dir is not None:
+                save_model(module, models_dir / f"spa-{kind}-{method}-seed{seed}", setting)
             log(f"SPA {kind} {method} seed={seed}: refusal {m['refusal_rate']:.1%}, task {m['task_accuracy']:.1%} "
                 f"({seconds:.0f} s)")
     return runs
@@ -433,6 +465,13 @@ def spa_runs(kind: str, s: Settings, meter: Meter, preset: str, workdir: Path, l
 # -- summary ---------------------------------------------------------------------------------------------
 METRICS = ("asr", "keyword_asr", "jailbreak_asr", "refusal_rate", "over_refusal", "borderline_over_refusal",
            "task_accuracy", "seconds", "peak_extra_mib")
+
+
+def location_summary(summary: dict) -> dict:
+    """The part of :func:`summarize_mask`'s summary that summary.json keeps (re-read by --from-results)."""
+    share = summary.get("score_share", summary.get("metadata", {}).get("score_share"))
+    return {"score_share": share, **{key: summary[key] for key in ("k", "n", "ratio", "by_component", "by_layer", "by_expert",
+                                                                   "by_layer_component") if key in summary}}
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -486,33 +525,43 @@ def markdown(summary: dict, s: Settings) -> str:
     if s.test_suite is not None:
         lines[-1:-1] = [f"Test prompts: {', '.join(f'{k}={v}' for k, v in s.test_suite.items())}."]
     pert = [r for r in agg if r["experiment"] == "perturbation"]
+
+    def cell(row: dict) -> str:  # the judge's ASR, and beside a trained judge the keyword ASR
+        return pct(row, "asr") if s.test_suite is None else f"{pct(row, 'asr')} / {pct(row, 'keyword_asr')}"
+
     if pert:
-        lines += ["**1. Perturbation of the aligned organisms' selected 1% (ASR after noise)**", "",
+        subject = "organisms'" if s.test_suite is None else "model's"
+        metric = "ASR" if s.test_suite is None else "ASR / keyword ASR"
+        lines += [f"**1. Perturbation of the aligned {subject} selected {s.ratio:.0%} ({metric} after noise "
+                  "N(0, (r sigma(W))^2))**", "",
                   "| organism | selection | " + " | ".join(f"r={x:g}" for x in s.perturb_scales) + " |",
                   "|---|---|" + "---|" * len(s.perturb_scales)]
         for organism in s.organisms:
             base = next((r for r in pert if r["organism"] == organism and r["method"] == "none"), None)
             if base:
-                lines.append(f"| {organism} | none (before) | " + " | ".join(pct(base, "asr") for _ in s.perturb_scales) + " |")
+                lines.append(f"| {organism} | none (before) | " + " | ".join(cell(base) for _ in s.perturb_scales) + " |")
             for method in s.perturb_methods:
                 cells = []
                 for scale in s.perturb_scales:
                     r = next((x for x in pert if x["organism"] == organism and x["method"] == method
                               and x["setting"] == f"r={scale:g}"), None)
-                    cells.append(pct(r, "asr") if r else "-")
+                    cells.append(cell(r) if r else "-")
                 lines.append(f"| {organism} | {method} | " + " | ".join(cells) + " |")
         lines += [""]
     loc = summary.get("location", {})
     if loc:
-        lines += ["**2. Where the ESI top-1% lives (share of k)**", "", "| organism | by component | by layer | top experts |",
-                  "|---|---|---|---|"]
+        lines += ["**2. Where the ESI top-1% lives (share of k; score_share: the top-k's share of the summed "
+                  "ESI scores)**", "", "| organism | by component | by layer | top experts | score_share |",
+                  "|---|---|---|---|---|"]
         for organism, info in loc.items():
             comps = ", ".join(f"{c['component']} {100 * c['share']:.0f}%" for c in
                               sorted(info["by_component"], key=lambda c: -c["share"])[:4])
             layers = ", ".join(f"L{c['layer']} {100 * c['share']:.0f}%" for c in info["by_layer"] if c["layer"] is not None)
             experts = ", ".join(f"L{e['layer']}E{e['expert']} {100 * e['share']:.0f}%" for e in
                                 sorted(info["by_expert"], key=lambda e: -e["share"])[:3]) or "-"
-            lines.append(f"| {organism} | {comps} | {layers} | {experts} |")
+            share = info.get("score_share")
+            lines.append(f"| {organism} | {comps} | {layers} | {experts} | "
+                         f"{'-' if share is None else f'{100 * share:.1f}%'} |")
         lines.append("")
     set_best = summary.get("set_best", [])
     if set_best:
@@ -557,16 +606,17 @@ def markdown(summary: dict, s: Settings) -> str:
         pressure = "".join([f", {s.spa_harmful_ratio:.1%} harmful -> compliant pairs" if s.spa_harmful_ratio else "",
                             f", task answers prefixed {s.spa_response_prefix!r}" if s.spa_response_prefix else "",
                             f", task data {s.spa_data}" if s.spa_data else ""])
-        lines += [f"**4. SPA on the aligned organisms ({s.spa_steps} steps, lr {s.spa_lr:g}, "
-                  f"top {s.spa_ratio:.0%} frozen{pressure})**", "",
-                  "| organism | method | refusal | refusal change (points) | over-refusal | task acc. | s/run |",
-                  "|---|---|---|---|---|---|---|"]
+        subject = "organisms" if s.test_suite is None else "model"
+        lines += [f"**4. SPA on the aligned {subject} ({s.spa_steps} steps of {s.spa_batch_size} x {s.spa_max_length} "
+                  f"tokens, lr {s.spa_lr:g}, top {s.spa_ratio:.0%} frozen{pressure})**", "",
+                  "| organism | method | refusal | refusal change (points) | ASR | over-refusal | task acc. | s/run |",
+                  "|---|---|---|---|---|---|---|---|"]
         for organism in s.organisms:
             before = next((r for r in spa if r["organism"] == organism and r["method"] == "before"), None)
             for r in (x for x in spa if x["organism"] == organism):
                 delta = "-" if r["method"] == "before" or before is None else \
                     f"{100 * (r['refusal_rate'] - before['refusal_rate']):+.1f}"
-                lines.append(f"| {organism} | {r['method']} | {pct(r, 'refusal_rate')} | {delta} | "
+                lines.append(f"| {organism} | {r['method']} | {pct(r, 'refusal_rate')} | {delta} | {pct(r, 'asr')} | "
                              f"{pct(r, 'over_refusal')} | {pct(r, 'task_accuracy')} | "
                              f"{r.get('seconds', 0):.0f} |")
         lines.append("")
@@ -627,6 +677,9 @@ def plots(summary: dict, s: Settings, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     agg = summary["aggregate"]
+    for organism, info in summary.get("location", {}).items():
+        if info.get("by_layer_component"):
+            plot_heatmap(info, out / f"heatmap-{organism}.png", title=f"{organism} aligned: ESI top {s.ratio:.0%}")
     pert = [r for r in agg if r["experiment"] == "perturbation" and r["method"] != "none"]
     if pert:
         fig, axes = plt.subplots(1, len(s.organisms), figsize=(5 * len(s.organisms), 3.5), squeeze=False)
@@ -636,7 +689,7 @@ def plots(summary: dict, s: Settings, out: Path) -> None:
                             and r["setting"] == f"r={x:g}"), None) for x in s.perturb_scales]
                 ax.errorbar(s.perturb_scales, [100 * r["asr"] if r else math.nan for r in rs],
                             yerr=[100 * r.get("asr_std", 0) if r else 0 for r in rs], marker="o", label=method)
-            ax.set_title(f"{organism} aligned: noise on the selected 1%")
+            ax.set_title(f"{organism} aligned: noise on the selected {s.ratio:.0%}")
             ax.set_xlabel("noise scale r (x sigma(W))")
             ax.set_ylabel("ASR (%)")
             ax.set_ylim(0, 100)
@@ -752,9 +805,11 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
         s = Settings.smollm2(smollm2_splits(work)) if not args.from_results else Settings.smollm2(
             {k: "" for k in ("set_refusals", "val_harmful", "val_benign", "self_answers")})
         if args.quick:
-            s.set_steps, s.n_eval, s.set_esi_prompts = 10, 16, 16
+            s.set_steps, s.n_eval, s.set_esi_prompts, s.esi_prompts, s.spa_steps = 10, 16, 16, 16, 5
             s.set_lrs = {"esi": [1e-3], "random": [5e-3]}
-            s.test_suite = {**s.test_suite, "num_borderline": 16}
+            s.perturb_methods, s.perturb_scales, s.spa_methods = ["esi", "random"], [3.0], ["esi", "full"]
+            s.task_max_new_tokens = 64
+            s.test_suite = {**s.test_suite, "num_borderline": 16, "num_task": 16}
     else:
         s = Settings.quick() if args.quick else Settings()
     if args.seeds:
@@ -801,10 +856,7 @@ def check_data(s: Settings, parts: list[str]) -> None:
 
 def main() -> None:
     args, s = parse_settings()
-    parts = args.only or (["set"] if args.model == "smollm2" else ["perturbation", "set", "spa"])
-    if args.model == "smollm2" and set(parts) - {"set"}:
-        raise SystemExit("--model smollm2 runs SET (claim 3) only: perturbation and SPA run on an aligned SmolLM2, "
-                         "which lit-safety does not build yet")
+    parts = args.only or ["perturbation", "set", "spa"]
     torch.set_num_threads(min(2, torch.get_num_threads()))
     started = time.perf_counter()
 
@@ -819,6 +871,7 @@ def main() -> None:
         location = json.loads((args.out / "summary.json").read_text()).get("location", {})
         for other in args.combine:
             later = json.loads((other / "results.json").read_text())["runs"]
+            location.update(json.loads((other / "summary.json").read_text()).get("location", {}))
             replaced = {(r["experiment"], r["organism"]) for r in later}
             runs = [r for r in runs if (r["experiment"], r["organism"]) not in replaced] + later
         s.organisms = [k for k in s.organisms if any(r["organism"] == k for r in runs)]
@@ -827,36 +880,41 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         templates = work / "jailbreak_templates.jsonl"
         templates.write_text("".join(json.dumps(t) + "\n" for t in JAILBREAK_TEMPLATES))
-        meter = Meter(s.n_eval, templates, with_task=True, suite=s.test_suite, max_new_tokens=s.eval_max_new_tokens)
+        meter = Meter(s.n_eval, templates, with_task=True, suite=s.test_suite, max_new_tokens=s.eval_max_new_tokens,
+                      task_max_new_tokens=s.task_max_new_tokens)
         val_meter = Meter(s.n_eval, None, with_task=False, source=ORGANISM_VALIDATION, suite=s.validation_suite,
                           max_new_tokens=s.eval_max_new_tokens)
+        models_dir = args.out.parent / f"{args.out.name}-models" if s.save_models else None
         for kind in s.organisms:
             if "perturbation" in parts:
                 r, loc = perturbation_and_location(kind, s, meter, args.organism_preset, log)
                 runs += r
                 location[kind] = loc
             if "set" in parts:
-                runs += set_runs(kind, s, meter, val_meter, args.organism_preset, work, log,
-                                 models_dir=args.out.parent / f"{args.out.name}-models" if s.save_models else None)
+                runs += set_runs(kind, s, meter, val_meter, args.organism_preset, work, log, models_dir=models_dir)
             if "spa" in parts:
-                runs += spa_runs(kind, s, meter, args.organism_preset, work, log)
+                runs += spa_runs(kind, s, meter, args.organism_preset, work, log, models_dir=models_dir)
 
     agg = aggregate(runs)
     summary: dict[str, Any] = {"settings": vars(s), "organism_preset": args.organism_preset, "aggregate": agg,
-                               "location": {k: {key: v[key] for key in ("k", "n", "by_component", "by_layer", "by_expert")}
-                                            for k, v in location.items() if v}}
+                               "location": {k: location_summary(v) for k, v in location.items() if v}}
     ratios = {}
     top = f"r={max(s.perturb_scales):g}"
     resolution = 1.0 / s.n_eval  # one prompt: the smallest ASR change this evaluation can show
     for organism in s.organisms:
         get = {r["method"]: r for r in agg if r["experiment"] == "perturbation" and r["organism"] == organism
                and r["setting"] in (top, "r=0")}
-        if "esi" in get and "random" in get and "none" in get:
-            rise_esi = get["esi"]["asr"] - get["none"]["asr"]
-            rise_random = get["random"]["asr"] - get["none"]["asr"]
+        if not ("esi" in get and "random" in get and "none" in get):
+            continue
+        # the judge's ASR, and beside a trained judge (a real model's suite) the keyword ASR
+        for metric, label in (("asr", organism), ("keyword_asr", f"{organism}, keyword ASR")):
+            if get["none"].get(metric) is None or (metric == "keyword_asr" and s.test_suite is None):
+                continue
+            rise_esi = get["esi"][metric] - get["none"][metric]
+            rise_random = get["random"][metric] - get["none"][metric]
             # A random rise below one prompt is noise: divide by that resolution (a lower bound).
-            ratios[organism] = {"esi_rise_points": 100 * rise_esi, "random_rise_points": 100 * rise_random,
-                                "ratio_at_least": rise_esi / max(rise_random, resolution)}
+            ratios[label] = {"esi_rise_points": 100 * rise_esi, "random_rise_points": 100 * rise_random,
+                             "ratio_at_least": rise_esi / max(rise_random, resolution)}
     summary["perturbation_ratio"] = ratios
     summary["set_best"] = set_rows(agg)
     summary["claims"] = claims(summary, s)

@@ -123,6 +123,9 @@ def test_smollm2_validation_splits_are_disjoint_from_training_and_reported_data(
     assert read(s.validation_suite["harmful_data"]) == [refusals[i] for i in range(0, 25 * 64, 25)]
     assert [r["instruction"] for r in read(s.validation_suite["benign_data"])] == [f"help {i}" for i in range(600, 664)]
     assert s.test_suite["harmful_data"].endswith("advbench/harmful_behaviors.csv")
-    assert s.models == {"unaligned": "smollm2-135m-instruct"} and s.set_selection_metric == "keyword_asr"
+    assert s.models == {"unaligned": "smollm2-135m-instruct", "aligned": "smollm2-135m-instruct-aligned"}
+    assert s.set_selection_metric == "keyword_asr"
+    # SPA trains on GSM8K train and is measured on GSM8K test
+    assert s.spa_data.endswith("gsm8k/train.jsonl") and s.test_suite["task_data"].endswith("gsm8k/test.jsonl")
     with pytest.raises(SystemExit):
         driver.parse_settings(["--model", "smollm2", "--organisms", "dense", "--out", str(tmp_path / "r")])
