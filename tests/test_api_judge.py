@@ -22,15 +22,17 @@ def completion(content: str) -> str:
 
 
 class FakeServer:
-    """Replies with the next canned ``(status, body)`` in ``queue`` (an entry may also be a
-    callable ``request -> (status, body)``); when the queue is empty, ``default``. Every request is
-    recorded in ``requests`` as a dict with method, path, headers (lower-case names) and json."""
+    """Replies with the next canned ``(status, body)`` or ``(status, body, headers)`` in ``queue``
+    (an entry may also be a callable ``request -> (status, body[, headers])``); when the queue is
+    empty, ``default``. Every request is recorded in ``requests`` as a dict with method, path,
+    headers (lower-case names) and json. ``release`` is set on close, to free handlers that hang."""
 
     def __init__(self) -> None:
         self.queue: list = []
         self.default = (500, "no canned response")
         self.requests: list[dict] = []
         self.lock = threading.Lock()
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,10 +45,12 @@ class FakeServer:
                 with server.lock:
                     server.requests.append(request)
                     item = server.queue.pop(0) if server.queue else server.default
-                status, text = item(request) if callable(item) else item
+                status, text, *extra = item(request) if callable(item) else item
                 payload = text.encode()
                 try:
                     self.send_response(status)
+                    for name, value in (extra[0] if extra else {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
@@ -61,12 +65,14 @@ class FakeServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.port = self.httpd.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01},
                                        daemon=True)
         self.thread.start()
 
     def close(self) -> None:
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -296,6 +302,129 @@ def test_describe(server):
     json.dumps(desc)
 
 
+KEY_ENV_ERROR = ("ApiJudge.api_key_env must be the name of an environment variable (e.g. OPENAI_API_KEY), "
+                 "not the key itself; the value given is not a variable name (letters, digits and '_', "
+                 "not starting with a digit) or looks like a key, and is not shown")
+
+
+@pytest.mark.parametrize("value", [
+    SECRET,                                   # an OpenAI-style key: has '-'
+    "sk-proj-abcDEF123",
+    "hf_" + "aB3" * 12,                       # a Hugging Face token: a valid identifier, random tail
+    "ghp_" + "x1Y2" * 9,                      # a GitHub token
+    "AKIAABCDEFGH12345678",                   # an AWS access key id
+    "q" * 40,                                 # a very long run
+    "my key", " OPENAI_API_KEY", "OPENAI-API-KEY", "1PASSWORD", "KEY=abc", 123,
+])
+def test_api_key_env_refuses_keys_without_echoing_them(value):
+    with pytest.raises(ValueError) as info:
+        ApiJudge(api_key_env=value)
+    assert str(info.value) == KEY_ENV_ERROR
+    text = "".join(traceback.format_exception(info.value)).replace(KEY_ENV_ERROR, "")
+    if isinstance(value, str):
+        assert value not in text
+
+
+@pytest.mark.parametrize("value", ["OPENAI_API_KEY", "TEST_JUDGE_KEY", "HF_TOKEN", "hf_token", "_KEY",
+                                   "AZURE_OPENAI_API_KEY", "JUDGE_KEY_2", "MY_VERY_LONG_SERVICE_NAME_API_KEY",
+                                   None])
+def test_api_key_env_accepts_names(value):
+    assert ApiJudge(api_key_env=value).describe()["api_key_env"] == value
+
+
+def test_api_key_env_empty_is_named():
+    with pytest.raises(ValueError, match=re.escape("ApiJudge.api_key_env must be an environment variable name or None, got ''")):
+        ApiJudge(api_key_env="")
+
+
+# -- redirects: the key never leaves the origin of base_url ---------------------------------------
+
+@pytest.fixture
+def other_server():
+    fake = FakeServer()
+    yield fake
+    fake.close()
+
+
+def redirect_problem(code: int, old: str, new: str) -> str:
+    return (f"HTTP {code} redirect from {old} to {new}, another origin (scheme, host or port); the judge does "
+            "not follow redirects across origins, so that the API key is never sent to another server: "
+            "set base_url to the server you mean to use")
+
+
+def cross_origin_location(server: FakeServer, other: FakeServer, target: str, path: str) -> str:
+    return {"port": f"http://127.0.0.1:{other.port}{path}",      # another port, same host
+            "host": f"http://localhost:{server.port}{path}",     # another host name, same port
+            "scheme": f"https://127.0.0.1:{server.port}{path}"}[target]
+
+
+@pytest.mark.parametrize("target", ["port", "host", "scheme"])
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_setup_refuses_cross_origin_redirect(server, other_server, monkeypatch, code, target):
+    monkeypatch.setenv("TEST_JUDGE_KEY", SECRET)
+    location = cross_origin_location(server, other_server, target, "/v1/models")
+    server.default = (code, "", {"Location": location})
+    judge = make_judge(server)
+    with pytest.raises(ApiJudgeError) as info:
+        judge.setup()
+    assert str(info.value) == "API judge endpoint: " + redirect_problem(code, f"{server.base_url}/models", location)
+    assert other_server.requests == []  # the second server heard nothing, so no key either
+    assert len(server.requests) == 1 and server.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in "".join(traceback.format_exception(info.value))
+
+
+@pytest.mark.parametrize("target", ["port", "host"])
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_judging_refuses_cross_origin_redirect(server, other_server, monkeypatch, code, target):
+    monkeypatch.setenv("TEST_JUDGE_KEY", SECRET)
+    other_server.default = (200, completion("#thescore: 1"))
+    location = cross_origin_location(server, other_server, target, "/v1/chat/completions")
+    server.queue = [(code, "", {"Location": location})]
+    server.default = (200, completion("#thescore: 1"))  # would answer a redirected request to itself
+    judge = make_judge(server, max_retries=2)
+    with pytest.raises(ApiJudgeError) as info:
+        judge.judge("p", "r")
+    assert str(info.value) == (f"API judge {judge.url} (model 'judge-model'): "
+                               + redirect_problem(code, judge.url, location))
+    assert other_server.requests == []
+    assert len(server.requests) == 1  # refused at once, not retried
+    assert server.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in "".join(traceback.format_exception(info.value))
+
+
+def test_cross_origin_redirect_refused_without_a_key(server, other_server):
+    server.default = (302, "", {"Location": f"{other_server.base_url}/models"})
+    with pytest.raises(ApiJudgeError, match="another origin"):
+        make_judge(server, api_key_env=None).setup()
+    assert other_server.requests == []
+
+
+def test_same_origin_redirect_is_followed_with_the_key(server, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", SECRET)
+    server.queue = [(302, "", {"Location": "/v1/models/"}),
+                    (301, "", {"Location": f"http://127.0.0.1:{server.port}/v1/models/all"}),
+                    (200, json.dumps({"data": []}))]
+    make_judge(server).setup()
+    assert [(r["path"], r["headers"].get("authorization")) for r in server.requests] == [
+        ("/v1/models", f"Bearer {SECRET}"), ("/v1/models/", f"Bearer {SECRET}"),
+        ("/v1/models/all", f"Bearer {SECRET}")]
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/other", True),
+    ("HTTP://Example.COM/v1", "http://example.com:80/x", True),
+    ("https://example.com/v1", "https://example.com:443/x", True),
+    ("http://example.com/v1", "https://example.com/v1", False),
+    ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1", False),
+    ("http://127.0.0.1:8000/v1", "http://localhost:8000/v1", False),
+    ("https://api.openai.com/v1", "https://api.openai.com.evil.test/v1", False),
+])
+def test_same_origin(a, b, same):
+    from lit_safety.judges.api import _same_origin
+
+    assert _same_origin(a, b) is same
+
+
 # -- setup --------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -336,6 +465,8 @@ def test_setup_reachable(server, status):
     (dict(concurrency=0), "concurrency"),
     (dict(max_retries=-1), "max_retries"),
     (dict(timeout=0), "timeout"),
+    (dict(total_timeout=0), "total_timeout"),
+    (dict(total_timeout=-1.0), "total_timeout"),
     (dict(base_url="127.0.0.1:8000/v1"), "base_url"),
 ])
 def test_validation(kwargs, field):
@@ -346,3 +477,143 @@ def test_validation(kwargs, field):
 def test_missing_response_placeholder_is_named():
     with pytest.raises(ValueError, match=re.escape("missing {response}")):
         ApiJudge(rubric="Judge {prompt}")
+
+
+# -- total_timeout: a hanging judge fails the batch within a bound, naming the request -----------
+
+def hang_on(marker: str, server: FakeServer):
+    """A reply that answers GET and every POST, except POSTs whose prompt contains ``marker``,
+    which hang until the server closes."""
+    def reply(request):
+        if request["method"] == "POST" and marker in request["json"]["messages"][0]["content"]:
+            server.release.wait(30)
+        return 200, completion("#thescore: 1") if request["method"] == "POST" else json.dumps({"data": []})
+    return reply
+
+
+def test_default_total_timeout():
+    assert ApiJudge().total_timeout == 120.0
+
+
+def test_hanging_request_fails_within_total_timeout_and_is_named(server):
+    server.default = hang_on("ITEM1", server)
+    judge = make_judge(server, timeout=30.0, max_retries=4, backoff=0.01, total_timeout=1.0)
+    judge.setup()
+    start = time.monotonic()
+    with pytest.raises(ApiJudgeError) as info:
+        judge.judge_batch(["p0", "p1", "p2"], ["ITEM0", "ITEM1", "ITEM2"])
+    elapsed = time.monotonic() - start
+    assert 0.95 <= elapsed < 2.0, elapsed
+    assert str(info.value) == (
+        f"API judge {judge.url} (model 'judge-model'): batch of 3 prompts could not be judged within "
+        "total_timeout=1s (1 done, 1 not started); unfinished: item 1 (0-based; attempt 1 of 5 "
+        "waiting for a reply). Check that the server is not hung; raise total_timeout if it is just slow")
+    assert [r["method"] for r in server.requests] == ["GET", "POST", "POST"]  # item 2 never sent
+
+
+def test_hanging_concurrent_batch_fails_within_total_timeout(server):
+    server.default = hang_on("ITEM", server)
+    judge = make_judge(server, timeout=30.0, max_retries=4, concurrency=4, total_timeout=0.8)
+    start = time.monotonic()
+    with pytest.raises(ApiJudgeError) as info:
+        judge.judge_batch([f"p{k}" for k in range(6)], [f"ITEM{k}" for k in range(6)])
+    elapsed = time.monotonic() - start
+    assert 0.75 <= elapsed < 1.8, elapsed
+    waiting = ", ".join(f"item {k} (0-based; attempt 1 of 5 waiting for a reply)" for k in range(4))
+    assert str(info.value) == (
+        f"API judge {judge.url} (model 'judge-model'): batch of 6 prompts could not be judged within "
+        f"total_timeout=0.8s (0 done, 2 not started); unfinished: {waiting}. Check that the server is "
+        "not hung; raise total_timeout if it is just slow")
+    time.sleep(0.2)
+    assert len(server.requests) == 4  # the rest of the batch is not sent after the failure
+
+
+def test_total_timeout_bounds_retries_and_backoff(server):
+    server.default = (503, "overloaded")
+    judge = make_judge(server, max_retries=10, backoff=0.2, total_timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(ApiJudgeError) as info:
+        judge.judge("p", "r")
+    elapsed = time.monotonic() - start
+    # attempts at 0 and 0.2 s; the next would start at 0.6 s, past the deadline: give up at once
+    assert 0.15 <= elapsed < 0.45, elapsed
+    assert len(server.requests) == 2
+    assert str(info.value) == (
+        f"API judge {judge.url} (model 'judge-model'): batch of 1 prompt could not be judged within "
+        "total_timeout=0.5s (0 done, 0 not started); unfinished: item 0 (0-based; attempt 2 of 11 failed: "
+        "HTTP 503 Service Unavailable). Check that the server is not hung; raise total_timeout if it is "
+        "just slow")
+
+
+def test_hang_after_a_failed_attempt_names_both(server):
+    hang = hang_on("ITEM", server)
+    server.queue = [(503, "overloaded")]
+    server.default = hang
+    judge = make_judge(server, timeout=30.0, max_retries=2, backoff=0.05, total_timeout=0.6)
+    with pytest.raises(ApiJudgeError) as info:
+        judge.judge("p", "ITEM")
+    assert str(info.value) == (
+        f"API judge {judge.url} (model 'judge-model'): batch of 1 prompt could not be judged within "
+        "total_timeout=0.6s (0 done, 0 not started); unfinished: item 0 (0-based; attempt 2 of 3 waiting "
+        "for a reply; the previous one failed: HTTP 503 Service Unavailable). Check that the server is not "
+        "hung; raise total_timeout if it is just slow")
+
+
+def test_total_timeout_none_waits_for_a_slow_judge(server):
+    def slow(request):
+        time.sleep(0.4)
+        return 200, completion("#thescore: 2")
+
+    server.default = slow
+    judge = make_judge(server, total_timeout=None, timeout=2.0)
+    assert [v.score for v in judge.judge_batch(["a", "b"], ["x", "y"])] == [2.0, 2.0]
+
+
+def test_error_in_one_item_fails_fast_with_that_error(server):
+    def reply(request):
+        if "ITEM2" in request["json"]["messages"][0]["content"]:
+            return 404, json.dumps({"error": "no such model"})
+        server.release.wait(30) if "ITEM0" in request["json"]["messages"][0]["content"] else None
+        return 200, completion("#thescore: 1")
+
+    server.default = reply
+    judge = make_judge(server, concurrency=4, total_timeout=20.0, timeout=20.0)
+    start = time.monotonic()
+    with pytest.raises(ApiJudgeError, match="HTTP 404"):
+        judge.judge_batch(["a", "b", "c"], ["ITEM0", "ITEM1", "ITEM2"])
+    assert time.monotonic() - start < 2.0  # does not wait for the hanging item 0
+
+
+def test_trickling_reply_is_cut_at_the_deadline():
+    """A server that sends headers and then one byte of body every 0.1 s never trips the socket
+    timeout; the batch still fails at its deadline and the request thread ends soon after."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+            while not stop.wait(0.1):
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        judge = ApiJudge(base_url=f"http://127.0.0.1:{port}/v1", model="judge-model", api_key_env=None,
+                         timeout=30.0, total_timeout=0.6)
+        start = time.monotonic()
+        with pytest.raises(ApiJudgeError) as info:
+            judge.judge("p", "r")
+        assert 0.55 <= time.monotonic() - start < 1.5
+        assert "item 0 (0-based; attempt 1 of 5 waiting for a reply)" in str(info.value)
+        time.sleep(1.0)  # deadline + grace (0.5 s) + one trickle step, with slack
+        assert not [t for t in threading.enumerate() if t.name.startswith("api-judge")]
+    finally:
+        stop.set()
+        listener.close()
