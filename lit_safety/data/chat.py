@@ -42,8 +42,12 @@ def encode_chat(
 
     The prompt is rendered with the generation prompt and tokenized on its own, the rest of the
     full conversation text separately, so the boundary is exact for any tokenizer. Truncation cuts
-    the response (never the prompt) so the label span always starts right after the prompt.
+    the response (never the prompt) so the label span always starts right after the prompt; a
+    prompt of ``max_length`` tokens or more leaves no response token (every label -100, see
+    :func:`supervised_tokens`) and keeps its last ``max_length`` tokens.
     """
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
     messages = prompt if isinstance(prompt, list) else chat_messages(prompt, system=system)
     prompt_text = render_prompt(tokenizer, messages)
     full_text = tokenizer.apply_chat_template(
@@ -59,6 +63,11 @@ def encode_chat(
     input_ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids)
     return {"input_ids": input_ids, "labels": labels}
+
+
+def supervised_tokens(feature: dict[str, list[int]]) -> int:
+    """Label positions of an ``encode_chat`` output that the loss covers (label != -100)."""
+    return sum(label != IGNORE_INDEX for label in feature["labels"])
 
 
 def collate_right_padded(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lit_safety.data.chat import collate_right_padded, encode_chat
+from lit_safety.data.chat import collate_right_padded, encode_chat, render_prompt, supervised_tokens
 from lit_safety.data.files import (
     MESSAGES_FIELD,
     PROMPT_FIELDS,
@@ -38,8 +38,15 @@ TASK_PROMPT_FIELDS = ("instruction", "question", *(f for f in PROMPT_FIELDS if f
 
 
 class EpochSeededSampler(torch.utils.data.Sampler[int]):
-    """A shuffle that depends only on (seed, epoch): Lightning calls ``set_epoch``, so a run
-    resumed from a checkpoint sees exactly the batches an uninterrupted run would."""
+    """A shuffle that depends only on (seed, epoch): Lightning calls ``set_epoch`` before every
+    epoch, so any run (a resumed one too) draws epoch e's order from ``seed`` and e alone.
+
+    The order is half of an exact resume; the other half, how far into the epoch a checkpoint was
+    taken, is kept by :class:`ResumableDataLoader`, which Lightning saves and restores with the
+    checkpoint. Together a run resumed mid-epoch sees exactly the batches an uninterrupted run
+    would. Under DDP, Lightning wraps this sampler in a ``DistributedSamplerWrapper`` (and forwards
+    ``set_epoch``), so every rank shards the same order.
+    """
 
     def __init__(self, n: int, seed: int = 0) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
@@ -55,6 +62,68 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
         return self.n
 
 
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position in the current epoch is stored in Lightning checkpoints.
+
+    Lightning saves ``state_dict()`` of every training loader that has one (``"epoch"``: the
+    sampler's epoch of the current pass; ``"batches"``: the batches it has handed out in that pass)
+    and calls ``load_state_dict()`` when a run resumes. The next pass then leaves out the batches
+    the checkpointed run had already trained on -- when it is the same epoch, and only that one
+    pass: a state saved after an epoch's last batch, or in an earlier epoch, leaves nothing out.
+    ``len()`` stays the whole epoch (Lightning counts the restored batches itself).
+
+    The left-out batches are drawn and dropped (for in-memory data, milliseconds), so any sampler
+    works, including the ``DistributedSamplerWrapper`` Lightning puts around the sampler under
+    DDP. A pass starts at its first batch, not at ``iter()``: Lightning calls ``iter()`` before
+    ``set_epoch``, and the sampler must be asked for its order after it.
+    """
+
+    _resume: tuple[int | None, int] | None = None  # (epoch, batches) loaded, for the next pass
+    _pass_epoch: int | None = None
+    _yielded = 0
+
+    def _sampler_epoch(self) -> int | None:
+        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+            if hasattr(sampler, "epoch"):
+                return int(sampler.epoch)
+        return None
+
+    def state_dict(self) -> dict[str, int | None]:
+        if self._resume is not None:  # restored, not iterated yet: still that position
+            return {"epoch": self._resume[0], "batches": self._resume[1]}
+        epoch = self._pass_epoch if self._pass_epoch is not None else self._sampler_epoch()
+        return {"epoch": epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int | None]) -> None:
+        missing = [key for key in ("epoch", "batches") if key not in state_dict]
+        if missing:
+            raise ValueError(f"training data loader state (checkpoint 'loops.fit_loop.state_dict.combined_loader'): "
+                             f"{missing[0]!r} is missing; got {sorted(state_dict)}")
+        batches = state_dict["batches"]
+        if not isinstance(batches, int) or batches < 0:
+            raise ValueError(f"training data loader state: batches must be an int >= 0, got {batches!r}")
+        if batches > len(self):
+            raise ValueError(f"training data loader state: the checkpointed run had trained on {batches} batches of "
+                             f"its epoch, but an epoch here has {len(self)}: resume with the training data (data "
+                             "file, num_samples, batch_size, val_fraction, seed) of the checkpointed run")
+        epoch = state_dict["epoch"]
+        self._resume = (None if epoch is None else int(epoch), batches)
+
+    def __iter__(self):
+        # A generator: nothing (sampler order, worker start-up) happens before the first batch.
+        epoch, skip = self._sampler_epoch(), 0
+        if self._resume is not None:
+            saved_epoch, saved = self._resume
+            self._resume = None
+            if saved_epoch == epoch and saved < len(self):
+                skip = saved
+        self._pass_epoch, self._yielded = epoch, 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            if self._yielded > skip:
+                yield batch
+
+
 class ChatPairsDataModule(L.LightningDataModule):
     """Base: subclasses make (prompt, response) pairs in ``make_pairs`` (from ``data_path``, read by
     :func:`file_pairs`, or from the organism corpus); this class caches, splits, tokenizes (loss on
@@ -64,7 +133,7 @@ class ChatPairsDataModule(L.LightningDataModule):
                  num_samples: int, batch_size: int, max_length: int, val_fraction: float, num_workers: int,
                  seed: int) -> None:
         super().__init__()
-        check_counts(num_samples=num_samples, batch_size=batch_size)
+        check_counts(num_samples=num_samples, batch_size=batch_size, max_length=max_length)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.tokenizer_name = tokenizer
@@ -107,11 +176,35 @@ class ChatPairsDataModule(L.LightningDataModule):
         random.Random(self.seed).shuffle(order)
         n_val = int(len(pairs) * self.val_fraction)
         encode = partial(encode_chat, tokenizer, max_length=self.max_length)
-        self.val_data = [encode(*pairs[i]) for i in order[:n_val]]
-        self.train_data = [encode(*pairs[i]) for i in order[n_val:]]
+        val_data = [encode(*pairs[i]) for i in order[:n_val]]
+        train_data = [encode(*pairs[i]) for i in order[n_val:]]
+        self.train_data = self._supervised(train_data, "training", tokenizer, [pairs[i] for i in order[n_val:]])
+        self.val_data = self._supervised(val_data, "validation") if val_data else val_data
+
+    def data_source(self) -> str:
+        """The data the pairs come from, as error messages name it."""
+        return self.data_path or "the organism corpus"
+
+    def _supervised(self, examples: list[dict], part: str, tokenizer=None, pairs: Sequence[Pair] = ()) -> list[dict]:
+        """``examples`` that keep a response token within max_length: the others are left out with a
+        warning that counts them (they would train on nothing; a batch of only such examples has a NaN
+        loss). None left of the training part: a DataError naming the data and max_length."""
+        kept = [ex for ex in examples if supervised_tokens(ex)]
+        if len(kept) == len(examples):
+            return examples
+        if not kept and part == "training":
+            shortest = min(len(tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+                           for prompt, _ in pairs)
+            raise DataError(f"{self.data_source()}: none of the {len(examples)} training examples has a response token "
+                            f"within max_length={self.max_length}: the shortest prompt has {shortest} tokens (chat "
+                            "template included) and truncation cuts the answer first; raise max_length")
+        log.warning("%s: %d of %d %s examples have no response token within max_length=%d (their prompts fill it); "
+                    "they are left out", self.data_source(), len(examples) - len(kept), len(examples), part,
+                    self.max_length)
+        return kept
 
     def _loader(self, data: Sequence[dict], shuffle: bool) -> DataLoader:
-        return DataLoader(
+        return (ResumableDataLoader if shuffle else DataLoader)(
             data, batch_size=self.batch_size, num_workers=self.num_workers,
             sampler=EpochSeededSampler(len(data), self.seed) if shuffle else None,
             collate_fn=partial(collate_right_padded, pad_token_id=self.pad_id),
@@ -138,6 +231,9 @@ class RefusalDataModule(ChatPairsDataModule):
             ``benign_ratio > 0`` uses the organism corpus's benign answers.
         benign_ratio: share of benign pairs in the mix, in [0, 1).
         num_samples: number of harmful pairs to use (the first ones after a seeded shuffle).
+        max_length: tokens per example, prompt included (>= 1); the answer is cut first. Examples
+            whose prompt fills it keep no answer token: they are left out with a warning that counts
+            them, and data where all are is refused before training.
     """
 
     def __init__(
@@ -159,6 +255,11 @@ class RefusalDataModule(ChatPairsDataModule):
                          val_fraction, num_workers, seed)
         self.benign_path = benign_path
         self.benign_ratio = _share("benign_ratio", benign_ratio)
+
+    def data_source(self) -> str:
+        if not self.benign_ratio:
+            return super().data_source()
+        return f"{super().data_source()} (benign pairs: {self.benign_path or 'the organism corpus'})"
 
     def make_pairs(self) -> list[Pair]:
         harmful = self._harmful_pairs()
@@ -241,6 +342,9 @@ class InstructionDataModule(ChatPairsDataModule):
             question, prompt, ...; prompts are read by :func:`lit_safety.data.files.record_prompt`).
         response_field: answer column (default: first of output, answer, response, completion).
         num_samples: number of examples (the first after a seeded shuffle).
+        max_length: tokens per example, prompt included (>= 1); the answer is cut first. Examples
+            whose prompt fills it keep no answer token: they are left out with a warning that counts
+            them, and data where all are is refused before training.
         harmful_ratio: share of harmful-prompt -> compliant-answer pairs mixed in (from the organism
             corpus), in [0, 1): the erosion pressure of harmful fine-tuning attack studies, so that
             SPA's protection can be measured. 0 = pure task data.

@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lit_safety.data.datamodules import EpochSeededSampler
+from lit_safety.data.datamodules import EpochSeededSampler, ResumableDataLoader
 from lit_safety.data.files import DataError, check_counts, read_records
 from lit_safety.io import file_sha256
 from lit_safety.parallel import PreShardedSampler, pad_shard_indices
@@ -371,8 +371,8 @@ class JudgeDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled (by seed and epoch) lists of :class:`LabelledResponse`."""
         train = self.training_split()[0]
-        return DataLoader(train, batch_size=self.batch_size, sampler=EpochSeededSampler(len(train), self.seed),
-                          collate_fn=_as_list, num_workers=self.num_workers)
+        return ResumableDataLoader(train, batch_size=self.batch_size, sampler=EpochSeededSampler(len(train), self.seed),
+                                   collate_fn=_as_list, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         """This rank's share of the validation part, lists of :class:`WeightedResponse` (padding: weight 0)."""

@@ -12,7 +12,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_safety.data.chat import IGNORE_INDEX
 from lit_safety.io import config_dict
 from lit_safety.models.loading import load_model, load_tokenizer, resolve_dtype
 from lit_safety.optim.precision import check_float32_master
@@ -92,8 +94,47 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._lm_loss(batch)
+        self._check_finite_loss(loss, batch, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _check_finite_loss(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Stop training on a NaN/inf loss, in ``training_step``: before backward, so before any update
+        (also SET's ``step_in_backward``, which updates in the gradient hooks). Every rank stops when
+        one does (a collective decision), so no rank waits for the others forever."""
+        finite = bool(torch.isfinite(loss).all())
+        everywhere = finite if self._trainer is None else self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if everywhere:
+            return
+        where = (f"global_step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})"
+                 if self._trainer is not None else f"batch {batch_idx}")
+        if finite:
+            raise RuntimeError(f"training loss is not finite on another rank at {where}; training stopped before this "
+                               "step's update")
+        labels = batch.get("labels")
+        supervised = None if labels is None else int((labels != IGNORE_INDEX).sum())
+        if supervised == 0:
+            cause = ("the batch has no supervised token (every label is -100: the answers were cut by the data's "
+                     "max_length, or are empty)")
+        else:
+            tokens = "" if supervised is None else f"the batch has {supervised} supervised tokens, so "
+            cause = (f"{tokens}training diverged or a weight is not finite: lower learning_rate "
+                     f"({self.learning_rate:g}) or warm it up, and check the model's weights and dtype")
+        raise RuntimeError(f"training loss is {loss.item()} at {where}: {cause}; training stopped before this step's "
+                           "update")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Warn when a run resumes mid-epoch from a checkpoint without the training loader's position
+        (saved before the data modules' loaders were resumable): Lightning then restarts the epoch's
+        batches from the first one, and the run no longer matches an uninterrupted one."""
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        progress = fit_loop.get("epoch_loop.batch_progress", {})
+        batches = progress.get("current", {}).get("ready", 0)
+        if batches and not progress.get("is_last_batch") and not fit_loop.get("state_dict", {}).get("combined_loader"):
+            path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            rank_zero_warn(f"checkpoint {path or ''} was saved after {batches} batches of an epoch without the training "
+                           "data loader's position: this run trains on that epoch's batches from the first one again, "
+                           "so it does not match an uninterrupted run (checkpoints written now store the position)")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._lm_loss(batch)
