@@ -62,6 +62,7 @@ def compute_safety_mask(
     elif objective is not None and options.get("guard_model") is not None:
         raise ValueError("guard_model goes with objective='judge'; this objective object already has its guard")
     config = replace(selection, **options) if selection is not None else SelectionConfig(**options)
+    config.check_size(model)  # k against the scored weights, before a guard is loaded or any gradient
     objective_fn = objective if objective is not None else config.make_objective()
     if config.needs_gradients and batches is None:
         if tokenizer is None or not prompts:

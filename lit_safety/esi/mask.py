@@ -123,11 +123,29 @@ class SafetyMask:
             raise ValueError(f"{path} is not a safetensors mask file: {err}") from err
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ValueError(f"{path} is not a lit-safety mask (no {FORMAT!r} header)")
-        shapes = {n: tuple(s) for n, s in header.pop("shapes").items()}
         header.pop("format")
-        indices = {k.removesuffix(".indices"): v for k, v in tensors.items() if k.endswith(".indices")}
-        scores = {k.removesuffix(".scores"): v for k, v in tensors.items() if k.endswith(".scores")}
-        return cls(indices=indices, shapes=shapes, scores=scores, metadata=header)
+        try:
+            shapes = _header_shapes(header.pop("shapes", None))
+            indices = {k.removesuffix(".indices"): v for k, v in tensors.items() if k.endswith(".indices")}
+            scores = {k.removesuffix(".scores"): v for k, v in tensors.items() if k.endswith(".scores")}
+            return cls(indices=indices, shapes=shapes, scores=scores, metadata=header)
+        except ValueError as err:  # a header or tensors that SafetyMask.save never writes
+            raise ValueError(f"{path}: damaged lit-safety mask: {err}; recompute the mask") from None
+
+
+def _header_shapes(shapes: Any) -> dict[str, tuple[int, ...]]:
+    """The ``shapes`` of a mask file's header, checked: name -> tuple of non-negative sizes."""
+    if shapes is None:
+        raise ValueError("its header has no 'shapes' (the shape of every scored parameter)")
+    if not isinstance(shapes, dict):
+        raise ValueError(f"'shapes' must map parameter names to lists of sizes, got {type(shapes).__name__}")
+    out = {}
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise ValueError(f"'shapes' must map parameter names to lists of sizes, got {name!r}: {shape!r}")
+        out[name] = tuple(shape)
+    return out
 
 
 def _numel(shape) -> int:

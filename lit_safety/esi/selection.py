@@ -41,7 +41,7 @@ from lit_safety.esi.scoring import (
     scale_safety_gradients_,
     weighted_values,
 )
-from lit_safety.esi.topk import SCOPES, select_topk
+from lit_safety.esi.topk import SCOPES, check_selection_size, select_topk
 from lit_safety.generation import progress_bar
 from lit_safety.parallel import is_dtensor
 
@@ -130,6 +130,15 @@ class SelectionConfig:
         """(ratio, k) as the top-k takes them: a count overrides the ratio."""
         return (None, self.k) if self.k is not None else (self.ratio, None)
 
+    def check_size(self, model: torch.nn.Module) -> int:
+        """Check ``k`` (or ``ratio``) against the weights this selection scores in ``model`` (its
+        parameter filter and scope; :func:`~lit_safety.esi.topk.check_selection_size`), cheaply and
+        before any gradient pass: a ``ValueError`` naming ``selection.k`` and the count. Returns N."""
+        params = self.parameter_filter().select(model)
+        ratio, k = self.top_k
+        return check_selection_size({name: tuple(p.shape) for name, p in params.items()}, ratio=ratio, k=k,
+                                    scope=self.scope, what="selection.k")
+
     def parameter_filter(self) -> ParameterFilter:
         return ParameterFilter(include=self.include, exclude=self.exclude or [],
                                include_lm_head=self.include_lm_head, keep_default_exclusions=not self.all_parameters)
@@ -179,6 +188,7 @@ class WeightSelector:
     def __init__(self, model: torch.nn.Module, config: SelectionConfig, *, objective: Any = None,
                  tokenizer: Any = None) -> None:
         self.model, self.config = model, config
+        config.check_size(model)  # k against the scored weights: before any setup or gradient pass
         self.params = config.parameter_filter().select(model)
         self.objective = objective if objective is not None else config.make_objective()
         if config.needs_gradients and self.objective is None:

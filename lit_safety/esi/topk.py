@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["SCOPES", "DEFAULT_CHUNK_SIZE", "DEFAULT_CHUNK_SIZE_CUDA", "TopKResult", "k_from_ratio", "select_topk"]
+__all__ = ["SCOPES", "DEFAULT_CHUNK_SIZE", "DEFAULT_CHUNK_SIZE_CUDA", "TopKResult", "check_selection_size",
+           "k_from_ratio", "select_topk"]
 
 SCOPES = ("global", "per_tensor", "per_row")
 """Supported selection scopes, see :func:`select_topk`."""
@@ -96,6 +97,48 @@ def k_from_ratio(ratio: float, n: int) -> int:
     if n < 1:
         raise ValueError(f"cannot select from n={n} scores; n must be >= 1")
     return min(n, max(1, math.floor(ratio * n + 0.5)))
+
+
+def check_selection_size(shapes: Mapping[str, tuple[int, ...] | torch.Size], *, ratio: float | None = None,
+                         k: int | None = None, scope: str = "global", what: str = "k") -> int:
+    """Check, from the tensors' shapes alone, that :func:`select_topk` over scores of these shapes
+    can select ``k`` (or ``ratio``) in ``scope``, before any score exists (before a gradient pass);
+    returns N, the number of scores. A ``ValueError`` names ``what`` (the parameter, e.g.
+    ``selection.k``), its value and the count it exceeds: all the scores (``global``), the smallest
+    tensor (``per_tensor``) or the shortest row (``per_row``). Empty tensors are skipped, as in
+    :func:`select_topk`.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+    if (ratio is None) == (k is None):
+        raise ValueError("pass exactly one of `ratio` or `k`")
+    if ratio is not None:
+        _check_ratio(ratio)
+    else:
+        k = _check_k(k)
+    numels = {name: math.prod(shape) for name, shape in shapes.items()}
+    n = sum(numels.values())
+    if n < 1:
+        raise ValueError(f"no scores to select from: the {len(numels)} tensors selected are all empty")
+    if k is None:  # a ratio in (0, 1] selects between 1 and all of every non-empty unit
+        return n
+    if scope == "global":
+        if k > n:
+            raise ValueError(f"{what}={k} is more than the {n} weights the selection scores "
+                             f"({len(numels)} tensors, scope 'global'); lower k or widen include/exclude")
+        return n
+    if scope == "per_tensor":
+        name, smallest = min(((nm, c) for nm, c in numels.items() if c > 0), key=lambda item: item[1])
+        if k > smallest:
+            raise ValueError(f"{what}={k} is more than the {smallest} weights of {name!r} "
+                             "(scope 'per_tensor' selects k from every tensor); lower k or use a ratio")
+        return n
+    rows = {nm: (int(shapes[nm][-1]) if len(shapes[nm]) else 1) for nm, c in numels.items() if c > 0}
+    name, shortest = min(rows.items(), key=lambda item: item[1])
+    if k > shortest:
+        raise ValueError(f"{what}={k} is more than the {shortest} weights of a row of {name!r} "
+                         "(scope 'per_row' selects k from every row); lower k or use a ratio")
+    return n
 
 
 def select_topk(

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torchmetrics import Metric
 
-from lit_safety.data.chat import collate_right_padded, encode_chat
+from lit_safety.data.chat import collate_right_padded, encode_chat, render_prompt
 from lit_safety.evaluation.suite import KINDS, OVER_REFUSAL_KINDS, EvalRecord, EvalSuite, shard_records
-from lit_safety.generation import generate_responses, progress_bar
+from lit_safety.generation import context_length, fit_prompt, generate_responses, progress_bar
 from lit_safety.judges.base import Judge
 from lit_safety.judges.keyword import KeywordJudge
 from lit_safety.metrics import (
@@ -96,6 +97,27 @@ class EvalProgress:
         if self.bar is not None:
             self.bar.close()
         self.bar, self.kind = None, None
+
+
+class TruncatedPrompts(Metric):
+    """Per set (kind), how many prompts were evaluated and how many of them had to be cut to fit the
+    model's context (:func:`lit_safety.generation.fit_prompt`); summed over ranks."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._index = {kind: i for i, kind in enumerate(KINDS)}
+        self.add_state("seen", default=torch.zeros(len(KINDS), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("cut", default=torch.zeros(len(KINDS), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, kind: str, seen: int, cut: int) -> None:
+        self.seen[self._index[kind]] += seen
+        self.cut[self._index[kind]] += cut
+
+    def compute(self) -> dict[str, int]:
+        """``kind -> prompts truncated`` for every kind with prompts evaluated (0 included)."""
+        return {kind: int(self.cut[i]) for kind, i in self._index.items() if self.seen[i] > 0}
 
 
 @dataclass
@@ -175,7 +197,10 @@ class SafetyEvaluator(torch.nn.Module):
         self.by_category = CategoryRate(list(categories) or ["-"])
         self.by_template = CategoryRate(list(templates) or ["-"])
         self.by_borderline_category = CategoryRate(list(borderline_categories) or ["-"])
+        self.truncated = TruncatedPrompts()
+        """Prompts cut to fit the model's context, per set: ``truncated_prompts`` in :meth:`compute`."""
         self.samples: list[dict[str, Any]] = []
+        self._cut: set[int] = set()  # ids of this batch's records whose prompt was truncated
 
     @classmethod
     def for_suite(cls, suite: EvalSuite, judge: Judge | None = None, refusal_judge: KeywordJudge | None = None,
@@ -186,7 +211,8 @@ class SafetyEvaluator(torch.nn.Module):
                    borderline_categories=suite.borderline_categories, **kwargs)
 
     def reset(self) -> None:
-        for metric in (*self.metrics.values(), self.by_category, self.by_template, self.by_borderline_category):
+        for metric in (*self.metrics.values(), self.by_category, self.by_template, self.by_borderline_category,
+                       self.truncated):
             metric.reset()
         self.samples = []
 
@@ -244,10 +270,13 @@ class SafetyEvaluator(torch.nn.Module):
             progress.advance(kind, len(records))
 
     def _update(self, model: Any, tokenizer: Any, kind: str, records: Sequence[EvalRecord]) -> None:
+        self._cut = set()
         if kind == "mc":
             self._update_mc(model, tokenizer, records)
             return
-        responses = self._generate(model, tokenizer, [r.prompt for r in records])
+        cut: list[int] = []
+        responses = self._generate(model, tokenizer, [r.prompt for r in records], truncated=cut)
+        self._count_truncated(kind, records, [records[i] for i in cut])
         counted = [(r, resp) for r, resp in zip(records, responses) if not r.padding]
         if kind == "task":
             self._update_task(model, tokenizer, records, counted)
@@ -281,11 +310,18 @@ class SafetyEvaluator(torch.nn.Module):
             self.by_template.update([r.template or "-" for r in recs], jailbroken)
         self._keep(recs, resps, refused=refused, jailbroken=jailbroken, score=[v.score for v in verdicts], **columns)
 
-    def _generate(self, model: Any, tokenizer: Any, prompts: list[str]) -> list[str]:
+    def _generate(self, model: Any, tokenizer: Any, prompts: list[str], truncated: list[int] | None = None) -> list[str]:
         g = self.generation
         return generate_responses(model, tokenizer, prompts, batch_size=g.batch_size, max_new_tokens=g.max_new_tokens,
                                   system_prompt=g.system_prompt, do_sample=g.do_sample, temperature=g.temperature,
-                                  top_p=g.top_p, synced_gpus=is_distributed() and is_sharded(model))
+                                  top_p=g.top_p, synced_gpus=is_distributed() and is_sharded(model),
+                                  truncated=truncated)
+
+    def _count_truncated(self, kind: str, records: Sequence[EvalRecord], cut: Sequence[EvalRecord]) -> None:
+        """Count this batch's prompts and those cut to fit the context (padding records are not
+        counted); the samples of the cut ones get ``"truncated": true``."""
+        self.truncated.update(kind, sum(not r.padding for r in records), sum(not r.padding for r in cut))
+        self._cut = {id(r) for r in cut}
 
     def _update_task(self, model: Any, tokenizer: Any, records: Sequence[EvalRecord],
                      counted: list[tuple[EvalRecord, str]]) -> None:
@@ -297,8 +333,12 @@ class SafetyEvaluator(torch.nn.Module):
             self._keep(recs, resps, correct=accuracy.matches(resps, refs))
         # Perplexity of the reference solutions (teacher forced; padding rows masked out).
         if all(r.reference for r in records) and any(len(r.reference.split()) > 1 for r in records):
-            features = [encode_chat(tokenizer, r.prompt, r.reference, system=self.generation.system_prompt)
-                        for r in records]
+            # The prompt as generation fitted it into the context (less max_new_tokens); the
+            # reference is cut to what is left of the context (encode_chat cuts the response only).
+            system, context = self.generation.system_prompt, context_length(model, tokenizer)
+            budget = None if context is None else context - self.generation.max_new_tokens
+            features = [encode_chat(tokenizer, fit_prompt(tokenizer, r.prompt, max_tokens=budget, system=system)[0],
+                                    r.reference, system=system, max_length=context) for r in records]
             for feature, record in zip(features, records):
                 if record.padding:
                     feature["labels"] = [-100] * len(feature["labels"])
@@ -308,16 +348,41 @@ class SafetyEvaluator(torch.nn.Module):
                            attention_mask=batch["attention_mask"].to(device)).logits
             self.metrics["task_perplexity"].update(logits.cpu(), batch["labels"])
 
+    def _mc_questions(self, model: Any, tokenizer: Any, records: Sequence[EvalRecord]) -> list[str]:
+        """Each record's question with its lettered options and the ask, fitted into the model's
+        context less the answer's tokens (too long: its start is cut, the options and the ask kept);
+        the cut ones are counted (:meth:`_count_truncated`)."""
+        system, context = self.generation.system_prompt, context_length(model, tokenizer)
+        questions, cut, rooms = [], [], {}
+        for record in records:
+            letters = LETTERS[:len(record.choices)]
+            question = record.prompt + "\n" + "\n".join(f"{l}. {c}" for l, c in zip(letters, record.choices)) \
+                + "\nAnswer with the letter of the correct option."
+            if context is not None:
+                if letters not in rooms:  # the answer's tokens: a letter and the end of the turn
+                    asked = len(tokenizer(render_prompt(tokenizer, "?", system=system), add_special_tokens=False)["input_ids"])
+                    rooms[letters] = max(len(encode_chat(tokenizer, "?", letter, system=system)["input_ids"])
+                                         for letter in letters) - asked
+                room = rooms[letters]
+                question, was_cut = fit_prompt(tokenizer, question, max_tokens=context - room, system=system,
+                                               context_note=f" (the model's context of {context} tokens less {room} "
+                                                            "for the answer)")
+                if was_cut:
+                    cut.append(record)
+            questions.append(question)
+        self._count_truncated("mc", records, cut)
+        return questions
+
     def _update_mc(self, model: Any, tokenizer: Any, records: Sequence[EvalRecord]) -> None:
         """Log-likelihood of answering with each option's letter (the chat template applied)."""
         device = next(model.parameters()).device
+        questions = self._mc_questions(model, tokenizer, records)
         for start in range(0, len(records), self.mc_batch_size):
             chunk = records[start:start + self.mc_batch_size]
             features, owners = [], []
             for i, record in enumerate(chunk):
                 letters = LETTERS[:len(record.choices)]
-                question = record.prompt + "\n" + "\n".join(f"{l}. {c}" for l, c in zip(letters, record.choices)) \
-                    + "\nAnswer with the letter of the correct option."
+                question = questions[start + i]
                 for letter in letters:
                     features.append(encode_chat(tokenizer, question, letter, system=self.generation.system_prompt))
                     owners.append(i)
@@ -344,8 +409,12 @@ class SafetyEvaluator(torch.nn.Module):
                            correct=[bool(p == a) for p, a, k in zip(picked, answers, keep) if k])
 
     def _keep(self, records: Sequence[EvalRecord], responses: Sequence[str], **columns: Sequence[Any]) -> None:
+        """Keep a sample per record: its full prompt (``"truncated": true`` when the model saw only
+        its end), the response and the ``columns``."""
         for i, (record, response) in enumerate(zip(records, responses)):
             sample = {"kind": record.kind, "index": record.index, "prompt": record.prompt, "response": response}
+            if id(record) in self._cut:
+                sample["truncated"] = True
             for key in ("category", "template"):
                 if getattr(record, key):
                     sample[key] = getattr(record, key)
@@ -356,7 +425,9 @@ class SafetyEvaluator(torch.nn.Module):
     def compute(self) -> dict[str, Any]:
         """Global metrics (synced across ranks): a flat ``name -> value`` dict without empty metrics,
         plus ``asr_by_category`` / ``asr_by_template`` / ``borderline_over_refusal_by_category`` (rates
-        per category or template) when there are any."""
+        per category or template) when there are any, and, when any prompt was longer than the model's
+        context allows and was cut to its end (:mod:`lit_safety.generation`), ``truncated_prompts``:
+        how many per set evaluated (``{"harmful": 1, "benign": 0}``); absent when every prompt fit."""
         results: dict[str, Any] = {}
         with warnings.catch_warnings():
             # Metrics of sets this evaluation does not have were never updated: they compute NaN and
@@ -366,6 +437,9 @@ class SafetyEvaluator(torch.nn.Module):
                 value = float(metric.compute())
                 if not math.isnan(value):
                     results[name] = value
+            truncated = self.truncated.compute()
+            if any(truncated.values()):  # absent when every prompt fit: reports of ordinary runs stay as they were
+                results["truncated_prompts"] = truncated
             for key, metric in (("asr_by_category", self.by_category), ("asr_by_template", self.by_template),
                                 ("borderline_over_refusal_by_category", self.by_borderline_category)):
                 rates = {k: v for k, v in metric.compute().items() if not math.isnan(v) and k != "-"}

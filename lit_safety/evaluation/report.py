@@ -5,6 +5,11 @@
 for ``lit-safety test``; ``before``, ``step_N`` and ``after`` for the callback). Everything is
 written atomically and only once the evaluation is complete, so an interrupted evaluation never
 replaces an earlier report.
+
+A stage in which some prompts were longer than the model's context allows (the model saw only
+their end) has ``truncated_prompts`` in its metrics, their count per set
+(:meth:`SafetyEvaluator.compute`), and a "prompts truncated" row in the text table; their samples
+in ``samples.jsonl`` say ``"truncated": true`` and keep the full prompt.
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ def logged_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def format_table(stages: Sequence[dict[str, Any]]) -> str:
-    """Metrics as rows, stages as columns; rates in percent."""
+    """Metrics as rows, stages as columns; rates in percent. A last row counts the prompts cut to fit
+    the model's context (``truncated_prompts``, all sets together) when a stage had any."""
     names = [n for n in LABELS if any(n in s["metrics"] for s in stages)]
     header = ["metric"] + [s["stage"] for s in stages]
     rows = []
@@ -84,6 +90,9 @@ def format_table(stages: Sequence[dict[str, Any]]) -> str:
             else:
                 cells.append(f"{100 * value:.1f}%")
         rows.append(cells)
+    truncated = [s["metrics"].get("truncated_prompts") for s in stages]
+    if any(t and sum(t.values()) for t in truncated):  # prompts the model saw only the end of
+        rows.append(["prompts truncated"] + ["-" if t is None else str(sum(t.values())) for t in truncated])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

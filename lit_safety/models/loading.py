@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from lit_safety.models.gguf import GGUFError, gguf_model_dir, parse_gguf_spec
 from lit_safety.registry import model_provider
@@ -165,9 +167,54 @@ def load_model(
         return auto_class.from_pretrained(source, **options)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError) as err:
-        where = f"local directory {source}" if Path(source).exists() else f"hub id {source!r}"
-        raise ModelLoadError(f"could not load a {what} from {where}: {err}") from err
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as err:
+        raise ModelLoadError(f"could not load a {what} from {_where(source)}: {_weights_problem(source, err)}") from err
+
+
+def _where(source: str) -> str:
+    return f"local directory {source}" if Path(source).exists() else f"hub id {source!r}"
+
+
+def _weights_problem(source: str, err: BaseException) -> str:
+    """What went wrong loading the weights of ``source`` (``from_pretrained``'s error ``err``), naming
+    the file and what to do where the error itself names neither:
+
+    - a pickle checkpoint (``*.bin``) that ``torch.load(weights_only=True)`` refused;
+    - a damaged safetensors file (safetensors' errors name no path); a directory under lit-safety's
+      cache (an organism, a builtin model) is rebuilt on first use once deleted.
+    Any other error is passed through as its own message.
+    """
+    local = Path(source)
+    if isinstance(err, pickle.UnpicklingError):
+        files = sorted(local.glob("*.bin")) if local.is_dir() else []
+        name = ", ".join(str(f) for f in files) or f"a pickle (.bin) weights file of {source}"
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # torch's message opens with advice to retry with weights_only=False: keep its verdict and reason only
+        first_line = " ".join(["Weights only load failed." if lines[0].startswith("Weights only load failed")
+                               else lines[0], *lines[1:2]])
+        return (f"{name} is a pickle checkpoint that holds more than tensors, and lit-safety loads pickles with "
+                "weights_only=True only (loading it fully could run code). Convert it to safetensors where you "
+                "trust it (save_pretrained(..., safe_serialization=True)) or use a copy that ships model.safetensors. "
+                f"(torch: {first_line})")
+    if not isinstance(err, SafetensorError):
+        return str(err)
+    files = sorted(local.glob("*.safetensors")) if local.is_dir() else []
+    name = ", ".join(str(f) for f in files) or "a .safetensors file"
+    message = f"a weights file ({name}) is damaged or incomplete: {err}."
+    if local.is_dir() and _in_cache(local):
+        return f"{message} It is a lit-safety cache entry: delete {local} and rerun to rebuild it."
+    return f"{message} Save or download the model again."
+
+
+def _in_cache(path: Path) -> bool:
+    """Whether ``path`` lies under lit-safety's cache (:func:`lit_safety.io.cache_root`)."""
+    from lit_safety.io import cache_root
+
+    try:
+        path.resolve().relative_to(cache_root().resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def load_tokenizer(

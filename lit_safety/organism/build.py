@@ -107,9 +107,10 @@ def build_family(
         log(f"[organism] saved {unaligned_path} ({stats['seconds']:.0f} s, final loss {stats['final_loss']:.3f})")
 
     if "aligned" in paths and not (paths["aligned"] / "config.json").is_file():
-        from transformers import AutoModelForCausalLM
+        from lit_safety.models.loading import load_model
 
-        model = AutoModelForCausalLM.from_pretrained(unaligned_path, dtype=torch.float32)
+        # load_model: a damaged cached unaligned model is an error that says to delete it and rebuild
+        model = load_model(str(unaligned_path), dtype=torch.float32)
         data = [
             encode_chat(tokenizer, ex.prompt, ex.refusal if ex.kind == "harmful" else ex.response, max_length=spec.max_length)
             for ex in corpus
