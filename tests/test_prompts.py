@@ -101,8 +101,9 @@ def test_chat_records_give_prompt_and_final_answer(tmp_path):
     assert read_prompts(path) == ["hi\n\n2+2?"]
     assert InstructionDataModule(data_path=str(path)).load_pairs() == [("hi\n\n2+2?", "4")]
     assert RefusalDataModule(data_path=str(path)).load_pairs() == [("hi\n\n2+2?", "4")]
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(DataError, match="chat.jsonl: row 0: 'messages' must be a list ending with an assistant turn"):
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]})
+                    + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match="chat.jsonl: line 2: 'messages' must be a list ending with an assistant turn"):
         InstructionDataModule(data_path=str(path)).load_pairs()
 
 

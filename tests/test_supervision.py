@@ -14,6 +14,7 @@ import torch
 
 from lit_safety.data.chat import IGNORE_INDEX, encode_chat, render_prompt
 from lit_safety.data.datamodules import InstructionDataModule, RefusalDataModule
+from lit_safety.data.esi import HarmfulPromptsDataModule
 from lit_safety.data.files import DataError
 from lit_safety.esi.selection import SelectionConfig
 from lit_safety.models.loading import load_tokenizer
@@ -36,7 +37,7 @@ def _trainer(steps=3):
                      enable_model_summary=False, limit_val_batches=0, deterministic=True)
 
 
-@pytest.mark.parametrize("cls", [RefusalDataModule, InstructionDataModule])
+@pytest.mark.parametrize("cls", [RefusalDataModule, InstructionDataModule, HarmfulPromptsDataModule])
 @pytest.mark.parametrize("max_length", [0, -5])
 def test_max_length_below_one_is_refused_at_construction(cls, max_length):
     with pytest.raises(ValueError, match=rf"^max_length must be >= 1, got {max_length}$"):

@@ -25,6 +25,7 @@ from lit_safety.data.files import (
     prompt_key,
     read_records,
     record_prompts,
+    row_location,
 )
 from lit_safety.models.loading import load_tokenizer
 from lit_safety.registry import builtin_corpus
@@ -307,7 +308,8 @@ def file_pairs(path: str, prompt_field: str | None, response_field: str | None, 
     key = prompt_key(rows, prompt_field, path, prompt_fields)
     prompts = record_prompts(rows, key, path)
     if key == MESSAGES_FIELD:
-        response_key, responses = "final assistant turn", [_final_answer(row, path, i) for i, row in enumerate(rows)]
+        response_key, responses = "final assistant turn", [_final_answer(row, path, row_location(rows, i))
+                                                           for i, row in enumerate(rows)]
     else:
         response_key = pick_field(rows, response_field, RESPONSE_FIELDS, path, "response")
         responses = [str(row.get(response_key) or "").strip() for row in rows]
@@ -324,10 +326,11 @@ def file_pairs(path: str, prompt_field: str | None, response_field: str | None, 
     return pairs
 
 
-def _final_answer(row: dict, path: str, index: int) -> str:
+def _final_answer(row: dict, path: str, where: str) -> str:
+    """The last assistant turn of a chat record; ``where``: its place in ``path`` (``line N``)."""
     messages = row[MESSAGES_FIELD]
     if not messages or messages[-1].get("role") != "assistant":
-        raise DataError(f"{path}: row {index}: 'messages' must be a list ending with an assistant turn")
+        raise DataError(f"{path}: {where}: 'messages' must be a list ending with an assistant turn")
     return str(messages[-1].get("content") or "").strip()
 
 

@@ -115,7 +115,7 @@ class HarmfulPromptsDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_counts(num_samples=num_samples, batch_size=batch_size)
+        check_counts(num_samples=num_samples, batch_size=batch_size, max_length=max_length)
         self.tokenizer_name = tokenizer
         self.data_path = data_path
         self.prompt_field = prompt_field
