@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +22,12 @@ import jsonargparse
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
+import lit_safety
 from lit_safety.esi.selection import METHODS, SelectionConfig
 from lit_safety.evaluation.suite import SuiteConfig
+from lit_safety.io import OutputDirError
 from lit_safety.organism.cli import organism_main, print_listing
 from lit_safety.registry import model_listing
 
@@ -38,8 +42,25 @@ DESCRIPTION = (
 )
 
 
+FROM_COMMAND_LINE = ("output_dir", "overwrite")
+"""Model arguments that a resumed run (``--ckpt_path``) takes from its command line and config, not
+from the checkpoint: where this run writes, and whether it may replace a result there."""
+
+
+class ConfigurationError(ValueError):
+    """A class of the config refused its arguments; the message is one line naming the section,
+    the class and the argument (the cause keeps the whole traceback)."""
+
+
 class LitSafetyCLI(LightningCLI):
-    """LightningCLI with lit-safety's defaults: model and data chosen by class in the config."""
+    """LightningCLI with lit-safety's defaults: model and data chosen by class in the config.
+
+    With ``--ckpt_path``, LightningCLI replaces every model argument by the one stored in the
+    checkpoint; here ``output_dir`` and ``overwrite`` stay as the command line and config say (a
+    resumed run must not write into the directory of the run it resumes from), and a warning names
+    every other argument whose given value the checkpoint's replaces. A class that refuses its
+    arguments is a one-line :class:`ConfigurationError`, not jsonargparse's traceback.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -53,6 +74,87 @@ class LitSafetyCLI(LightningCLI):
         # target the model's objective needs (refusal / compliance / none for judge).
         parser.link_arguments("model.init_args.model", "data.init_args.tokenizer", apply_on="parse")
         parser.link_arguments("model.init_args.selection.objective", "data.init_args.objective", apply_on="parse")
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        given = self.config[subcommand].get("model") if ckpt_path and Path(ckpt_path).is_file() else None
+        if given is None:
+            return super()._parse_ckpt_path()
+        given = given.clone()
+        super()._parse_ckpt_path()
+        resumed = self.config[subcommand]["model"]
+        before, after = _flat_init_args(given), _flat_init_args(resumed)
+        for key in FROM_COMMAND_LINE:
+            if key in before:
+                resumed["init_args"][key] = given["init_args"][key]
+        ignored = [f"model.{key}={before[key]!r} (checkpoint: {after.get(key)!r})"
+                   for key in sorted(before) if key not in FROM_COMMAND_LINE and key in after and before[key] != after[key]]
+        if given.get("class_path") != resumed.get("class_path"):
+            ignored.insert(0, f"model.class_path={given.get('class_path')} (checkpoint: {resumed.get('class_path')})")
+        if ignored:
+            rank_zero_warn(f"--ckpt_path {ckpt_path}: the run resumes with the model arguments stored in the "
+                           f"checkpoint (except {' and '.join(FROM_COMMAND_LINE)}, which this command line sets); "
+                           f"ignored from the command line and config: {', '.join(ignored)}")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, OSError) as err:
+            cause = _chain(err)[-1]
+            if not _raised_by_lit_safety(cause):  # not a message written for users: keep the traceback
+                raise
+            raise ConfigurationError(f"{self._section_of(err)}{cause}") from err
+
+    def _section_of(self, err: BaseException) -> str:
+        """``--model (ClassName): `` for the config section whose class refused its arguments."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        text = "\n".join(str(e) for e in _chain(err))
+        for section in ("model", "data"):
+            class_path = getattr(config.get(section), "class_path", None)
+            if class_path and re.search(rf"class_path='{re.escape(class_path)}'", text):
+                return f"--{section} ({class_path.rsplit('.', 1)[-1]}): "
+        return ""
+
+
+def _flat_init_args(namespace: Any) -> dict[str, Any]:
+    """A model config's init arguments as {"selection.ratio": 0.01, ...}."""
+    init = namespace.get("init_args") if namespace is not None else None
+    if init is None:
+        return {}
+    values = init.as_dict() if hasattr(init, "as_dict") else dict(init)
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", values)
+    return flat
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from (``from None`` ends the chain), outermost first."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ if err.__cause__ is not None else None if err.__suppress_context__ else err.__context__
+    return chain
+
+
+def _raised_by_lit_safety(err: BaseException) -> bool:
+    """Whether ``err`` was raised in lit-safety's own code (a message written for users)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename.startswith(str(Path(lit_safety.__file__).parent) + "/")
 
 
 RENAMED: dict[str, dict[str, str]] = {
@@ -125,6 +227,10 @@ def models_main(argv: Sequence[str]) -> None:
 
 
 def main(args: Sequence[str] | None = None) -> None:
+    """The ``lit-safety`` command. From the command line (``args`` None), a config class that refuses
+    its arguments (:class:`ConfigurationError`) or an output directory the run must not use
+    (:class:`~lit_safety.io.OutputDirError`) ends the process with that one line on stderr; called
+    with ``args`` from Python, they are raised."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "organism":
         organism_main(argv[1:])
@@ -146,7 +252,13 @@ def main(args: Sequence[str] | None = None) -> None:
         rest = [a for a in argv if a not in ("--help", "-h")]
         LitSafetyCLI(LightningModule, LightningDataModule, args=[*rest, "--model.help", model_class])
         return
-    LitSafetyCLI(LightningModule, LightningDataModule, args=None if args is None else argv)
+    try:
+        LitSafetyCLI(LightningModule, LightningDataModule, args=None if args is None else argv)
+    except (ConfigurationError, OutputDirError) as err:  # bad arguments, or an output_dir the run must not use
+        if args is not None:  # called from Python: the exception, whose message is that one line
+            raise
+        subcommand = next((f" {a}" for a in argv if not a.startswith("-")), "")
+        raise SystemExit(f"lit-safety{subcommand}: error: {err}") from None
 
 
 if __name__ == "__main__":

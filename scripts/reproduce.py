@@ -349,6 +349,7 @@ def intervention_module(name: str, intervention: str, selection: str, ratio: flo
                              include_lm_head=s.include_lm_head, all_parameters=s.all_parameters, seed=seed)
     return SafetyInterventionModule(model=name, intervention=intervention, selection=config, learning_rate=lr,
                                     weight_decay=weight_decay, output_dir=str(workdir), save_model=False,
+                                    overwrite=True,  # scratch under .<out>.work: a rerun replaces it
                                     esi_data_path=s.esi_data, esi_num_samples=s.set_esi_prompts)
 
 

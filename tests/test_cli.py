@@ -4,6 +4,7 @@ organism commands."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,9 @@ def test_esi_bad_input_fails_before_model_work(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "[organism] training" not in result.stdout + result.stderr
+    if args[0] in ("--model.selection.ratio", "--model.output_dir"):  # the one line that matters, no traceback
+        assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith(
+            "lit-safety fit: error: --model (ESIScoringModule): "), result.stderr[-2000:]
 
 
 def test_organism_list_and_unknown_name(capsys):
@@ -190,3 +194,108 @@ def test_old_eval_data_keys_name_the_suite_group(tmp_path):
     message = str(exit_info.value.code)
     assert f"data.init_args.harmful_data (in {config}) is now data.init_args.suite.harmful_data" in message
     assert f"data.init_args.num_harmful (in {config}) is now data.init_args.suite.num_harmful" in message
+
+
+# -- issue 16: resume, reruns and one-line errors ----------------------------------------------------------------
+
+TINY_SET = {
+    "seed_everything": 0,
+    "model": {"class_path": "lit_safety.modules.intervention.SafetyInterventionModule",
+              "init_args": {"model": "organism-dense-unaligned:tiny", "intervention": "set",
+                            "selection": {"method": "random", "ratio": 0.02}}},
+    "data": {"class_path": "lit_safety.data.datamodules.RefusalDataModule",
+             "init_args": {"num_samples": 16, "batch_size": 4, "max_length": 32, "val_fraction": 0.0}},
+    "trainer": {"max_steps": 4, "accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "limit_val_batches": 0,
+                "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                               "init_args": {"every_n_train_steps": 3, "save_top_k": -1, "filename": "{step}"}}]}}
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (links as links) -> SHA-256 of files, link targets, 'dir'."""
+    import hashlib
+
+    seen = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            seen[key] = "-> " + str(path.readlink())
+        elif path.is_dir():
+            seen[key] = "dir"
+        else:
+            seen[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return seen
+
+
+def test_resume_writes_to_the_command_lines_output_dir(tmp_path, tiny_dense_aligned):
+    """Resuming run A's checkpoint with another --model.output_dir writes there, never into A's result;
+    the other model arguments come from the checkpoint, and a difference is named in a warning."""
+    config = tmp_path / "set.yaml"
+    config.write_text(yaml.safe_dump(TINY_SET))
+    out_a, out_b = tmp_path / "outA", tmp_path / "outB"
+    main(["fit", "--config", str(config), "--model.output_dir", str(out_a), "--trainer.default_root_dir", str(out_a)])
+    ckpt = out_a / "checkpoints" / "step=3.ckpt"
+    assert ckpt.is_file()
+    finished = tree(out_a)
+    with pytest.warns(UserWarning) as caught:
+        main(["fit", "--config", str(config), "--model.output_dir", str(out_b), "--trainer.default_root_dir", str(out_b),
+              "--model.learning_rate", "0.02", "--trainer.max_steps", "5", "--ckpt_path", str(ckpt)])
+    assert tree(out_a) == finished  # A's result, logs and checkpoints: untouched
+    hparams = yaml.safe_load((out_b / "hparams.yaml").read_text())
+    assert hparams["output_dir"] == str(out_b) and hparams["learning_rate"] == 0.001  # the checkpoint's rate
+    assert json.loads((out_b / "summary.json").read_text())["steps"] == 5
+    messages = [str(w.message) for w in caught if str(w.message).startswith("--ckpt_path")]
+    assert messages == [f"--ckpt_path {ckpt}: the run resumes with the model arguments stored in the checkpoint "
+                        "(except output_dir and overwrite, which this command line sets); ignored from the command "
+                        "line and config: model.learning_rate=0.02 (checkpoint: 0.001)"]
+
+
+def test_rerun_into_a_finished_output_dir_says_how_to_proceed(tmp_path, tiny_dense_aligned):
+    config = tmp_path / "set.yaml"
+    config.write_text(yaml.safe_dump({**TINY_SET, "trainer": {**TINY_SET["trainer"], "max_steps": 1, "callbacks": None,
+                                                              "enable_checkpointing": False}}))
+    out = tmp_path / "out"
+    args = ["fit", "--config", str(config), "--model.output_dir", str(out), "--trainer.default_root_dir", str(tmp_path)]
+    main(args)
+    finished = tree(out)
+    created = json.loads((out / ".result" / "manifest.json").read_text())["created"]
+    from lit_safety.io import OutputDirError
+
+    with pytest.raises(OutputDirError) as info:
+        main(args)
+    assert str(info.value) == (
+        f"output_dir {out} already holds the finished result of another run "
+        f"(SafetyInterventionModule, {created}: hparams.yaml, mask.safetensors, model, summary.json); nothing was "
+        "written. To replace it, pass --model.overwrite true (overwrite=True in Python); to keep it, choose another "
+        "--model.output_dir.")
+    assert tree(out) == finished
+    main([*args, "--model.overwrite", "true"])
+    assert json.loads((out / ".result" / "manifest.json").read_text())["created"] >= created
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.selection.ratio", "1.5"], "--model (ESIScoringModule): selection.ratio must be in (0, 1], got 1.5"),
+    (["--model.selection.ratio", "0"], "--model (ESIScoringModule): selection.ratio must be in (0, 1], got 0.0"),
+    (["--model.output_dir", "/nonexistent/dir/out"],
+     "--model (ESIScoringModule): output_dir path /nonexistent/dir/out: parent directory /nonexistent/dir does not "
+     "exist"),
+])
+def test_bad_model_arguments_are_one_line(args, message):
+    from lit_safety.cli import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as info:
+        main(["fit", "--config", str(REPO / "configs/esi.yaml"), "--model.model", "organism-moe-aligned", *args])
+    assert str(info.value) == message
+
+
+def test_unwritable_output_dir_stops_the_cli_before_any_work(read_only_dir, tmp_path):
+    result = run_cli("fit", "--config", "configs/set.yaml", "--model.model", "organism-moe-unaligned",
+                     "--model.output_dir", str(read_only_dir / "set"), "--trainer.default_root_dir", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"lit-safety fit: error: --model (SafetyInterventionModule): output_dir {read_only_dir / 'set'}: cannot "
+        f"create files in {read_only_dir} (Operation not permitted)"
+        if os.geteuid() == 0 else
+        f"lit-safety fit: error: --model (SafetyInterventionModule): output_dir {read_only_dir / 'set'}: cannot "
+        f"create files in {read_only_dir} (Permission denied)")
+    assert "[organism]" not in result.stdout + result.stderr

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -125,7 +129,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     def run(epochs, ckpt=None, root=None):
         L.seed_everything(0)
         module = SafetyInterventionModule(model=MODEL, intervention="set", selection=SelectionConfig(ratio=0.02), learning_rate=1e-2,
-                                          output_dir=str(tmp_path / "out"), save_model=False)
+                                          output_dir=str(tmp_path / f"out-{epochs}-{ckpt is not None}"), save_model=False)
         trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0, deterministic=True, default_root_dir=root,
                             enable_checkpointing=root is not None)
@@ -240,3 +244,104 @@ def test_fit_start_reports_true_trainable_count_and_trains_in_train_mode(tmp_pat
     k = module.mask.k
     assert module.trainable_weights == k
     assert f"set: training {k:,} of {total:,} weights ({k / total:.2%} of the model)" in caplog.text
+
+
+# -- issue 16: the output directory ------------------------------------------------------------------------------
+
+
+def test_rerun_into_a_finished_output_dir_is_refused_before_any_work(tmp_path, tiny_dense_aligned):
+    from lit_safety.io import OutputDirError, verify_published
+
+    out = tmp_path / "set"
+
+    def module(**kwargs):
+        return SafetyInterventionModule(model=MODEL, intervention="set", selection=SelectionConfig(method="random", ratio=0.02),
+                                        output_dir=str(out), save_model=False, **kwargs)
+
+    fit(module(), RefusalDataModule(tokenizer=MODEL, num_samples=16, batch_size=8), steps=1)
+    first = verify_published(out)
+    again = module()
+    with pytest.raises(OutputDirError) as info:
+        fit(again, RefusalDataModule(tokenizer=MODEL, num_samples=16, batch_size=8), steps=1)
+    assert str(info.value) == (
+        f"output_dir {out} already holds the finished result of another run (SafetyInterventionModule, "
+        f"{first['created']}: hparams.yaml, mask.safetensors, summary.json); nothing was written. To replace it, "
+        "pass --model.overwrite true (overwrite=True in Python); to keep it, choose another --model.output_dir.")
+    assert again.model is None and again.trainer.global_step == 0  # no model loaded, no mask computed
+    assert verify_published(out) == first
+    replaced = module(overwrite=True, learning_rate=2e-3)
+    fit(replaced, RefusalDataModule(tokenizer=MODEL, num_samples=16, batch_size=8), steps=1)
+    import yaml
+
+    assert verify_published(out)["created"] >= first["created"]
+    assert yaml.safe_load((out / "hparams.yaml").read_text())["learning_rate"] == 2e-3
+
+
+def test_a_failed_fit_releases_the_output_dir(tmp_path, tiny_dense_aligned):
+    """The lock is held from fit start to fit end, also when fit fails: the next run can start."""
+    from lit_safety.io import try_lock
+
+    module = SafetyInterventionModule(model=MODEL, intervention="spa", dtype="bfloat16",
+                                      selection=SelectionConfig(method="random", ratio=0.02), output_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="without float32 master values"):
+        fit(module, InstructionDataModule(tokenizer=MODEL, num_samples=16, batch_size=8), steps=1)
+    holder = subprocess.run([sys.executable, "-c", "import sys; from lit_safety.io import try_lock; try_lock(sys.argv[1])",
+                             str(tmp_path / "o")], capture_output=True, text=True)
+    assert holder.returncode == 0, holder.stderr[-2000:]
+    with try_lock(tmp_path / "o"):
+        pass
+
+
+def test_a_second_run_into_a_busy_output_dir_stops_before_any_work(tmp_path, tiny_dense_aligned):
+    from lit_safety.io import OutputDirError
+
+    out = tmp_path / "o"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lit_safety.io import try_lock; "
+                               "l = try_lock(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        module = SafetyInterventionModule(model=MODEL, selection=SelectionConfig(method="random", ratio=0.02),
+                                          output_dir=str(out))
+        with pytest.raises(OutputDirError) as info:
+            fit(module, RefusalDataModule(tokenizer=MODEL, num_samples=16, batch_size=8), steps=1)
+        assert str(info.value) == (f"output_dir {out} is in use by another lit-safety run (process {holder.pid}, lock "
+                                   f"{out / '.lit-safety.lock'}); wait for it to finish or choose another output_dir")
+        assert module.model is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_export_is_one_unit_with_the_umasks_modes(tmp_path, tiny_dense_aligned):
+    from lit_safety.io import verify_published
+
+    old = os.umask(0o022)
+    try:
+        module = SafetyInterventionModule(model=MODEL, selection=SelectionConfig(method="random", ratio=0.02),
+                                          output_dir=str(tmp_path / "set"))
+        fit(module, RefusalDataModule(tokenizer=MODEL, num_samples=16, batch_size=8), steps=1)
+    finally:
+        os.umask(old)
+    out = tmp_path / "set"
+    manifest = verify_published(out)
+    assert manifest["job"] == "SafetyInterventionModule"
+    assert sorted({name.split("/")[0] for name in manifest["files"]}) == ["hparams.yaml", "mask.safetensors", "model",
+                                                                         "summary.json"]
+    assert {name: os.readlink(out / name) for name in ("hparams.yaml", "mask.safetensors", "model", "summary.json")} == {
+        name: f".result/{name}" for name in ("hparams.yaml", "mask.safetensors", "model", "summary.json")}
+    for relative in manifest["files"]:
+        assert stat.S_IMODE(os.stat(out / relative).st_mode) == 0o644, relative
+    assert stat.S_IMODE(os.stat(out / "model").st_mode) == 0o755
+    units = [p.name for p in out.iterdir() if p.name.startswith(".result-")]
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lit-safety.lock", ".result", *units, "hparams.yaml",
+                                                            "mask.safetensors", "model", "summary.json"])
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")  # through the link, in plain transformers
+
+
+def test_unwritable_output_dir_fails_at_construction(read_only_dir):
+    with pytest.raises(PermissionError) as info:
+        SafetyInterventionModule(model="organism-moe-aligned", output_dir=str(read_only_dir / "out"))
+    assert str(info.value).startswith(f"output_dir {read_only_dir / 'out'}: cannot create files in {read_only_dir} (")

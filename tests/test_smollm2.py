@@ -193,7 +193,7 @@ def test_unreadable_architecture_and_missing_chat_template_are_named(tmp_path, g
     rwkv = _rewrite(gguf_path, tmp_path / "rwkv.gguf", arch="rwkv6")
     with pytest.raises(ModelLoadError, match=r"rwkv\.gguf: architecture 'rwkv6' cannot be read by transformers"):
         load_model(rwkv)
-    plain = _rewrite(gguf_path, tmp_path / "plain.gguf", remove=("tokenizer.chat_template",))
+    _rewrite(gguf_path, tmp_path / "plain.gguf", remove=("tokenizer.chat_template",))
     with pytest.raises(ModelLoadError, match=r"plain\.gguf has no chat template"):
         load_tokenizer(f"{tmp_path}::plain.gguf")
 

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_safety.data.chat import IGNORE_INDEX
-from lit_safety.io import config_dict
+from lit_safety.io import DirectoryLock, claim_output_dir, config_dict
 from lit_safety.models.loading import load_model, load_tokenizer, resolve_dtype
 from lit_safety.optim.precision import check_float32_master
 from lit_safety.parallel import shard_model
@@ -145,3 +145,44 @@ class CausalLMModule(L.LightningModule):
         check_float32_master(self.model.named_parameters(), what=f"{type(self).__name__} (AdamW)")
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+
+
+class OutputDirClaim:
+    """Mixin of the modules that publish a result in ``hparams.output_dir``: at the start of fit
+    (``prepare_data``, global rank 0, before the data is tokenized, the model loaded or a mask
+    computed) the directory is claimed with :func:`~lit_safety.io.claim_output_dir`: writable, not in
+    use by another run (a lock, held until fit ends, however it ends), what killed runs left cleaned
+    up, and a finished result of another run replaced only as :meth:`output_dir_policy` allows.
+    Subclasses set ``self.prepare_data_per_node = False`` (one claim per run, not per node)."""
+
+    _output_lock: DirectoryLock | None = None
+
+    def output_dir_policy(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~lit_safety.io.claim_output_dir` besides the path."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        if self._trainer is None or self.trainer.state.fn != "fit":
+            return
+        if self._output_lock is None or self._output_lock.released:
+            self._output_lock = claim_output_dir(self.hparams.output_dir, **self.output_dir_policy())
+
+    def release_output_dir(self) -> None:
+        if self._output_lock is not None:
+            self._output_lock.release()
+            self._output_lock = None
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [ReleaseOutputDir()]
+
+
+class ReleaseOutputDir(L.Callback):
+    """Releases an :class:`OutputDirClaim` module's output directory when fit ends or fails."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(pl_module, OutputDirClaim):
+            pl_module.release_output_dir()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(pl_module, OutputDirClaim):
+            pl_module.release_output_dir()

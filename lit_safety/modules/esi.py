@@ -17,11 +17,15 @@ import torch
 
 from lit_safety.esi.report import summarize_mask, text_summary, write_report
 from lit_safety.esi.selection import RankReduction, SelectionConfig, WeightSelector, require_grad_only
-from lit_safety.io import as_config, check_parent_exists
-from lit_safety.modules.base import CausalLMModule
+from lit_safety.io import as_config, check_parent_exists, publish
+from lit_safety.modules.base import CausalLMModule, OutputDirClaim
+
+ESI_ARTIFACTS = ("mask.safetensors", "report.json", "report_layers.csv", "report_experts.csv", "heatmap.png",
+                 "experts.png")
+"""What ESIScoringModule publishes in its output_dir (the report files only with ``report``)."""
 
 
-class ESIScoringModule(CausalLMModule):
+class ESIScoringModule(OutputDirClaim, CausalLMModule):
     """Score every selected weight by Expected Safety Impact and save the top-k as a mask.
 
     The scoring is :class:`~lit_safety.esi.selection.WeightSelector`, the pipeline
@@ -36,7 +40,10 @@ class ESIScoringModule(CausalLMModule):
         trust_remote_code: run model code from the hub. Off unless you trust it.
         selection: which weights, how many, by which objective (``--model.selection.*``).
         gradient_checkpointing: recompute activations in backward (less memory on large models).
-        output_dir: where ``mask.safetensors`` and the report go.
+        output_dir: where ``mask.safetensors`` and the report go, published as one unit (see
+            :func:`~lit_safety.io.publish`): a rerun replaces an earlier ESI result there as a whole;
+            the finished result of another job (a SET/SPA run's model) is never replaced, the run
+            stops at fit start instead. Checked for write access at construction.
         report: write the report (CSV/JSON/PNG) next to the mask.
     """
 
@@ -55,12 +62,18 @@ class ESIScoringModule(CausalLMModule):
         self.selection = as_config(SelectionConfig, selection, "selection")
         check_parent_exists(output_dir, "output_dir")
         self.save_config_hyperparameters(selection=self.selection)
+        self.prepare_data_per_node = False  # the output_dir claim: once per run (global rank 0)
         self.automatic_optimization = False
         # built now: a judge objective loads its guard and checks its verdict tokens before any fit work
         self.objective_fn = self.selection.make_objective(trust_remote_code=trust_remote_code)
         self.mask = None
         self.summary: dict[str, Any] | None = None
         self.selector: WeightSelector | None = None
+
+    def output_dir_policy(self) -> dict[str, Any]:
+        return {"job": type(self).__name__, "artifacts": ESI_ARTIFACTS, "replaces": (type(self).__name__, None),
+                "advice": "ESI scoring replaces only an earlier ESI result: choose another --model.output_dir, or "
+                          "remove that result first."}
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -112,11 +125,11 @@ class ESIScoringModule(CausalLMModule):
 
     def _write_outputs(self) -> None:
         out = Path(self.hparams.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.mask.save(out / "mask.safetensors")
         self.summary = summarize_mask(self.mask)
-        if self.hparams.report:
-            write_report(self.mask, out)
+        with publish(out, job=type(self).__name__, artifacts=ESI_ARTIFACTS) as stage:  # mask + report: one unit
+            self.mask.save(stage / "mask.safetensors")
+            if self.hparams.report:
+                write_report(self.mask, stage)
         for logger in self.loggers:
             logger.log_hyperparams({"esi/k": self.mask.k, "esi/n": self.mask.n})
         print(f"\nmask: {out / 'mask.safetensors'}\n{text_summary(self.summary)}")

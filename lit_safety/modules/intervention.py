@@ -11,7 +11,9 @@ ESI, or a baseline such as ``random`` for "SET on a random 1%"). The mask comes 
 is computed at the start of fit by the same pipeline as :class:`ESIScoringModule`; it is stored in
 checkpoints, so a resumed run keeps the same mask. At the end of fit the model is exported in HF
 format (``output_dir/model``) with the tokenizer, the mask, the hyperparameters and a JSON summary,
-each written atomically.
+published as one unit (:func:`~lit_safety.io.publish`): a reader, or a run killed at any moment,
+sees the previous result or the new one, complete. ``output_dir`` is claimed at the start of fit
+(writable, one run at a time, no finished result of another run replaced without ``overwrite``).
 """
 
 from __future__ import annotations
@@ -29,17 +31,20 @@ from lit_safety.data.esi import HarmfulPromptsDataModule
 from lit_safety.esi.api import compute_safety_mask
 from lit_safety.esi.mask import SafetyMask
 from lit_safety.esi.selection import SelectionConfig
-from lit_safety.io import as_config, atomic_dir, atomic_file, check_parent_exists, config_dict, write_json
-from lit_safety.modules.base import CausalLMModule
+from lit_safety.io import as_config, atomic_file, check_parent_exists, config_dict, publish, write_json
+from lit_safety.modules.base import CausalLMModule, OutputDirClaim
 from lit_safety.optim import FrozenEntries, SparseAdamW, prepare_model
 from lit_safety.optim.precision import check_float32_master
 from lit_safety.parallel import all_ranks_true, full_state_dict, is_dtensor, is_sharded
 
 INTERVENTIONS = ("set", "spa", "full")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
+ARTIFACTS = ("model", "mask.safetensors", "hparams.yaml", "summary.json")
+"""What SafetyInterventionModule publishes in its output_dir (``model/`` only with ``save_model``, the
+mask only for set/spa)."""
 
 
-class SafetyInterventionModule(CausalLMModule):
+class SafetyInterventionModule(OutputDirClaim, CausalLMModule):
     """Safety Enhancement Tuning (SET) or Safety Preserving Adaptation (SPA) of a causal LM.
 
     Args:
@@ -60,8 +65,15 @@ class SafetyInterventionModule(CausalLMModule):
         warmup_steps: linear warmup steps (then constant).
         step_in_backward: SET only: apply each parameter's sparse update in its gradient hook and
             free the dense gradient at once (lowest memory; no gradient clipping/accumulation).
-        output_dir: where the HF model, mask and summary go (its parent must exist).
+        output_dir: where the HF model, mask and summary go (its parent must exist; checked for
+            write access at construction). Published at the end of fit as one unit, which replaces
+            an earlier result there as a whole. A resumed run (``--ckpt_path``) writes here, not to
+            the output_dir stored in the checkpoint.
         save_model: export the trained model in HF format at the end of fit.
+        overwrite: replace a finished result that ``output_dir`` already holds (another run's, or
+            this config's previous run). Off: such a run stops at fit start, before any work, and
+            says so; pass ``--model.overwrite true`` or choose another ``--model.output_dir``.
+            Another run still writing into ``output_dir`` stops a run either way.
     """
 
     def __init__(
@@ -82,6 +94,7 @@ class SafetyInterventionModule(CausalLMModule):
         gradient_checkpointing: bool = False,
         output_dir: str = "outputs/intervention",
         save_model: bool = True,
+        overwrite: bool = False,
     ) -> None:
         super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code,
                          learning_rate=learning_rate, weight_decay=weight_decay,
@@ -98,10 +111,17 @@ class SafetyInterventionModule(CausalLMModule):
         check_parent_exists(output_dir, "output_dir")
         self.selection = as_config(SelectionConfig, selection, "selection")
         self.save_config_hyperparameters(selection=self.selection)
+        self.prepare_data_per_node = False  # the output_dir claim: once per run (global rank 0)
         self.mask: SafetyMask | None = None
         self.frozen = None
         self.frozen_verified: bool | None = None  # SPA: set at fit end (all ranks agree)
         self._fit_start = 0.0
+
+    def output_dir_policy(self) -> dict[str, Any]:
+        return {"job": type(self).__name__, "overwrite": bool(self.hparams.get("overwrite", False)),
+                "artifacts": ARTIFACTS,
+                "advice": "To replace it, pass --model.overwrite true (overwrite=True in Python); to keep it, choose "
+                          "another --model.output_dir."}
 
     # -- mask ------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -223,9 +243,9 @@ class SafetyInterventionModule(CausalLMModule):
 
     # -- outputs ---------------------------------------------------------------------------------
     def export(self, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write ``model/`` (HF format + tokenizer), ``mask.safetensors``, ``hparams.yaml`` and
-        ``summary.json`` into ``out_dir``; ``model/`` replaces an earlier one only when complete."""
-        out_dir.mkdir(parents=True, exist_ok=True)
+        """Publish ``model/`` (HF format + tokenizer), ``mask.safetensors``, ``hparams.yaml`` and
+        ``summary.json`` in ``out_dir`` as one unit (:func:`~lit_safety.io.publish`): they replace an
+        earlier result there together, in one step, or not at all."""
         summary = {
             "intervention": self.hparams.intervention, "selection": config_dict(self.selection),
             "model": self.hparams.model, "steps": int(self.trainer.global_step),
@@ -235,16 +255,18 @@ class SafetyInterventionModule(CausalLMModule):
             "frozen_verified": self.frozen_verified,
             "world_size": self.trainer.world_size,
         }
-        if self.hparams.save_model:
-            with atomic_dir(out_dir / "model") as tmp:
-                self.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-                self.tokenizer.save_pretrained(tmp)
-                _unwrap_architecture_name(tmp, self.model)
-        if self.mask is not None:
-            self.mask.save(out_dir / "mask.safetensors")
-        with atomic_file(out_dir / "hparams.yaml") as handle:
-            yaml.safe_dump(dict(self.hparams), handle, sort_keys=False)
-        write_json(out_dir / "summary.json", summary)
+        with publish(out_dir, job=type(self).__name__, artifacts=ARTIFACTS) as stage:
+            if self.hparams.save_model:
+                model_dir = stage / "model"
+                model_dir.mkdir()
+                self.model.save_pretrained(model_dir, safe_serialization=True, state_dict=state_dict)
+                self.tokenizer.save_pretrained(model_dir)
+                _unwrap_architecture_name(model_dir, self.model)
+            if self.mask is not None:
+                self.mask.save(stage / "mask.safetensors")
+            with atomic_file(stage / "hparams.yaml") as handle:
+                yaml.safe_dump(dict(self.hparams), handle, sort_keys=False)
+            write_json(stage / "summary.json", summary)
 
 
 def _mask_state(mask: SafetyMask) -> dict[str, Any]:
