@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from lit_safety.io import cache_root
 from lit_safety.models.gguf import GGUFError, gguf_model_dir, parse_gguf_spec
 from lit_safety.registry import model_provider
 
@@ -208,8 +209,6 @@ def _weights_problem(source: str, err: BaseException) -> str:
 
 def _in_cache(path: Path) -> bool:
     """Whether ``path`` lies under lit-safety's cache (:func:`lit_safety.io.cache_root`)."""
-    from lit_safety.io import cache_root
-
     try:
         path.resolve().relative_to(cache_root().resolve())
     except ValueError:

@@ -107,7 +107,7 @@ def build_family(
         log(f"[organism] saved {unaligned_path} ({stats['seconds']:.0f} s, final loss {stats['final_loss']:.3f})")
 
     if "aligned" in paths and not (paths["aligned"] / "config.json").is_file():
-        from lit_safety.models.loading import load_model
+        from lit_safety.models.loading import load_model  # local: models.loading reaches this module through the registry (import cycle)
 
         # load_model: a damaged cached unaligned model is an error that says to delete it and rebuild
         model = load_model(str(unaligned_path), dtype=torch.float32)
