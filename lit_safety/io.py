@@ -450,12 +450,7 @@ def _manifest(unit: Path, job: str) -> dict[str, Any]:
             relative = path.relative_to(unit).as_posix()
             if relative == MANIFEST:
                 continue
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-                os.fsync(handle.fileno())
-            files[relative] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+            files[relative] = {"sha256": file_sha256(path, fsync=True), "bytes": path.stat().st_size}
     return {"job": job, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), "files": files}
 
 
@@ -594,10 +589,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "lit_safety"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (hex)."""
+def file_sha256(path: str | os.PathLike, *, fsync: bool = False) -> str:
+    """SHA-256 of a file's bytes (hex); ``fsync``: also flush the file to disk while it is open."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+        if fsync:
+            os.fsync(handle.fileno())
     return digest.hexdigest()
