@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -276,11 +276,14 @@ def as_config(cls: type, value: Any, what: str) -> Any:
     caller) or None (the defaults); anything else is a TypeError naming ``what``."""
     if value is None:
         return cls()
-    if isinstance(value, cls):
-        return value
     if isinstance(value, dict):
-        return cls(**value)
-    raise TypeError(f"{what} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+        value = cls(**value)
+    if not isinstance(value, cls):
+        raise TypeError(f"{what} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+    # jsonargparse (4.53) hands a nested dataclass's ``str | None`` option given as ``null`` on the
+    # command line (``--data.suite.task_data null``) over as the string "None": that means None.
+    nulls = {f.name: None for f in fields(value) if getattr(value, f.name) == "None" and "None" in str(f.type)}
+    return replace(value, **nulls) if nulls else value
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -336,7 +339,7 @@ class DirectoryLock:
     def __enter__(self) -> DirectoryLock:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 

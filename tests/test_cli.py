@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lightning import LightningDataModule, LightningModule
 
-from lit_safety.cli import main
+from lit_safety.cli import LitSafetyCLI, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -299,3 +300,13 @@ def test_unwritable_output_dir_stops_the_cli_before_any_work(read_only_dir, tmp_
         f"lit-safety fit: error: --model (SafetyInterventionModule): output_dir {read_only_dir / 'set'}: cannot "
         f"create files in {read_only_dir} (Permission denied)")
     assert "[organism]" not in result.stdout + result.stderr
+
+
+def test_null_on_the_command_line_reaches_a_nested_option_as_none():
+    """``--data.suite.task_data null`` skips the task set (jsonargparse hands it over as "None", which
+    was then read as a file or hub id named None)."""
+    cli = LitSafetyCLI(LightningModule, LightningDataModule, run=False, args=[
+        "--config", str(REPO / "configs/eval.yaml"), "--data.suite.task_data", "null",
+        "--data.suite.borderline_data", "builtin"])
+    assert cli.datamodule.config.task_data is None and cli.datamodule.config.borderline_data == "builtin"
+    assert cli.datamodule.config.harmful_data == "organism"
