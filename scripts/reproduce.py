@@ -106,7 +106,8 @@ class Settings:
     set_benign_ratios: list[float] = field(default_factory=lambda: [0.5, 0.67, 0.75])
     """Share of benign instruction -> answer pairs in SET's training data (swept with the rate)."""
     set_over_refusal_budget: float = 0.05
-    """A SET setting qualifies if its validation over-refusal is at most this above before's."""
+    """A SET setting qualifies if its validation over-refusal (harmless and, where the validation suite
+    has them, borderline prompts) is at most this above before's."""
     set_selection_metric: str = "asr"
     """Validation metric a SET setting is chosen by: ``asr`` (the judge's) or ``keyword_asr`` (refusals)."""
     spa_steps: int = 1000
@@ -187,7 +188,10 @@ class Settings:
                         "benign_data": f"{SHARED}/instructions/harmless_instructions_val.json",
                         "borderline_data": "builtin", "num_borderline": None,
                         "task_data": f"{SHARED}/gsm8k/test.jsonl", "num_task": 64},
-            validation_suite={"harmful_data": splits["val_harmful"], "benign_data": splits["val_benign"]})
+            # borderline validation prompts (shipped `builtin-val`: none of them in the reported `builtin`
+            # set or in the `builtin-train` prompts SET's self answers use)
+            validation_suite={"harmful_data": splits["val_harmful"], "benign_data": splits["val_benign"],
+                              "borderline_data": "builtin-val", "num_borderline": None})
 
 
 SHARED = DEFAULT_DATA
@@ -394,8 +398,8 @@ def set_runs(kind: str, s: Settings, meter: Meter, val_meter: Meter, preset: str
     runs = [{"experiment": "set", "organism": kind, "method": "before", "setting": "-", "seed": 0,
              **meter(model, tokenizer, name=name)},
             {"experiment": "set_validation", "organism": kind, "method": "before", "setting": "-", "seed": 0,
-             **val_meter(model, tokenizer, kinds=("harmful", "benign"), name=name)}]
-    limit = runs[1]["over_refusal"] + s.set_over_refusal_budget
+             **val_meter(model, tokenizer, kinds=VALIDATION_KINDS, name=name)}]
+    limits = {key: runs[1][key] + s.set_over_refusal_budget for key in OVER_REFUSALS if runs[1][key] is not None}
     del model
 
     def run(method: str, lr: float, benign: float, seed: int):
@@ -422,12 +426,13 @@ def set_runs(kind: str, s: Settings, meter: Meter, val_meter: Meter, preset: str
                 setting = f"lr={lr:g}, benign={benign:g}"
                 trained[setting] = run(method, lr, benign, first)
                 module = trained[setting][0]
-                v = val_meter(module.model, module.tokenizer, kinds=("harmful", "benign"), name=name)
+                v = val_meter(module.model, module.tokenizer, kinds=VALIDATION_KINDS, name=name)
                 sweep.append({"experiment": "set_validation", "organism": kind, "method": method, "setting": setting,
                               "seed": first, **v, "lr": lr, "benign": benign})
                 log(f"SET {kind} {method} {setting} seed={first}: validation ASR {v['asr']:.1%}, "
-                    f"over-refusal {v['over_refusal']:.1%}")
-        best = choose_set_setting(sweep, limit, s.set_selection_metric)
+                    f"over-refusal {v['over_refusal']:.1%}" + (f", borderline {v['borderline_over_refusal']:.1%}"
+                                                               if v["borderline_over_refusal"] is not None else ""))
+        best = choose_set_setting(sweep, limits, s.set_selection_metric)
         runs += sweep
         record(method, best["setting"], first, *trained[best["setting"]])
         del trained
@@ -493,13 +498,19 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return out
 
 
-def choose_set_setting(sweep: list[dict], limit: float, metric: str = "asr") -> dict:
-    """The lowest validation ``metric`` (ASR) among the settings whose validation over-refusal is within
-    ``limit``; when none is, the lowest over-refusal (helpfulness first), ties by the metric."""
-    ok = [r for r in sweep if r["over_refusal"] <= limit]
-    if ok:
-        return min(ok, key=lambda r: (r[metric], r["over_refusal"]))
-    return min(sweep, key=lambda r: (r["over_refusal"], r[metric]))
+VALIDATION_KINDS = ("harmful", "benign", "borderline")
+"""What SET's settings are measured on (the borderline set only where the validation suite has one)."""
+OVER_REFUSALS = ("over_refusal", "borderline_over_refusal")
+
+
+def choose_set_setting(sweep: list[dict], limits: dict[str, float], metric: str = "asr") -> dict:
+    """The lowest validation ``metric`` (ASR) among the settings whose validation over-refusals are all
+    within their ``limits`` (by key: ``over_refusal``, ``borderline_over_refusal``); when none is, the
+    one that exceeds its limits least (helpfulness first), ties by the metric."""
+    def excess(r: dict) -> float:
+        return max([r[key] - limit for key, limit in limits.items()] + [0.0])
+
+    return min(sweep, key=lambda r: (excess(r), r[metric], r["over_refusal"]))
 
 
 def set_rows(agg: list[dict]) -> list[dict]:
@@ -589,18 +600,19 @@ def markdown(summary: dict, s: Settings) -> str:
         lines.append("")
     sweep = [r for r in agg if r["experiment"] == "set_validation"]
     if sweep:
-        lines += [f"**3a. SET sweep on the validation prompts (seed {s.seeds[0]}; qualifies: over-refusal within "
-                  f"{100 * s.set_over_refusal_budget:.0f} points of before; chosen = lowest "
-                  f"{'keyword ' if s.set_selection_metric == 'keyword_asr' else ''}ASR among those, or the lowest "
-                  "over-refusal when none qualifies)**", "",
+        lines += [f"**3a. SET sweep on the validation prompts (seed {s.seeds[0]}; qualifies: over-refusal "
+                  f"(harmless, and borderline where measured) within {100 * s.set_over_refusal_budget:.0f} points "
+                  f"of before; chosen = lowest {'keyword ' if s.set_selection_metric == 'keyword_asr' else ''}ASR "
+                  "among those, or the one over its limits least when none qualifies)**", "",
                   "| organism | method | setting | validation ASR | validation keyword ASR | validation over-refusal "
-                  "| chosen |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| validation borderline over-refusal | chosen |",
+                  "|---|---|---|---|---|---|---|---|"]
         chosen = {(r["organism"], r["method"], r["setting"]) for r in set_best}
         for r in sweep:
             mark = "yes" if (r["organism"], r["method"], r["setting"]) in chosen else ""
             lines.append(f"| {r['organism']} | {r['method']} | {r['setting']} | {pct(r, 'asr')} | "
-                         f"{pct(r, 'keyword_asr')} | {pct(r, 'over_refusal')} | {mark} |")
+                         f"{pct(r, 'keyword_asr')} | {pct(r, 'over_refusal')} | {pct(r, 'borderline_over_refusal')} "
+                         f"| {mark} |")
         lines.append("")
     spa = [r for r in agg if r["experiment"] == "spa"]
     if spa:

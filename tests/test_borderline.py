@@ -17,7 +17,7 @@ from lit_safety.data.files import DataError
 from lit_safety.evaluation import evaluator as evaluator_module
 from lit_safety.evaluation.evaluator import SafetyEvaluator
 from lit_safety.evaluation.report import format_table, logged_metrics
-from lit_safety.evaluation.suite import BORDERLINE_BUILTIN, BORDERLINE_PATH, KINDS, SuiteConfig
+from lit_safety.evaluation.suite import BORDERLINE_BUILTIN, BORDERLINE_PATH, BORDERLINE_SETS, KINDS, SuiteConfig
 from lit_safety.judges.keyword import KeywordJudge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +49,32 @@ def test_builtin_set_is_shipped_large_unique_and_balanced():
     assert len({p.lower() for p in prompts}) == len(prompts), "duplicate prompts"
     per_category = Counter(r["category"] for r in rows)
     assert len(per_category) >= 8 and min(per_category.values()) >= 10, per_category
+
+
+def test_train_and_val_sets_share_no_prompt_with_the_test_set_and_cover_its_types():
+    def rows(path):
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def key(prompt):  # case and punctuation do not make a prompt new
+        return "".join(c for c in prompt.lower() if c.isalnum())
+
+    sets = {name: rows(path) for name, path in BORDERLINE_SETS.items()}
+    assert set(sets) == {"builtin", "builtin-train", "builtin-val"} and BORDERLINE_SETS["builtin"] == BORDERLINE_PATH
+    assert (len(sets["builtin-train"]), len(sets["builtin-val"])) == (200, 50)
+    keys = {name: [key(r["prompt"]) for r in data] for name, data in sets.items()}
+    for name, data in sets.items():
+        assert all(set(r) == {"prompt", "category"} and r["prompt"].strip() for r in data), name
+        assert len(set(keys[name])) == len(keys[name]), f"duplicate prompts in {name}"
+    assert not set(keys["builtin"]) & set(keys["builtin-train"])
+    assert not set(keys["builtin"]) & set(keys["builtin-val"])
+    assert not set(keys["builtin-train"]) & set(keys["builtin-val"])
+    types = Counter(r["category"] for r in sets["builtin"])
+    assert Counter(r["category"] for r in sets["builtin-train"]) == dict.fromkeys(types, 20)
+    assert Counter(r["category"] for r in sets["builtin-val"]) == dict.fromkeys(types, 5)
+    for name in ("builtin-train", "builtin-val"):
+        suite = SuiteConfig(borderline_data=name, num_borderline=None, **ONLY_BORDERLINE).load()
+        assert [(r.prompt, r.category) for r in suite.records["borderline"]] == [
+            (r["prompt"], r["category"]) for r in sets[name]]
 
 
 # -- (b) loading -------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import csv
 import json
 
 import pytest
-
 from conftest import shared_data
+
 from lit_safety.data.datamodules import InstructionDataModule, RefusalDataModule
 from lit_safety.data.esi import HarmfulPromptsDataModule
 from lit_safety.data.files import DataError, prompt_key, read_prompts, read_records, record_prompt, record_prompts
@@ -149,3 +149,24 @@ def test_benign_share_is_kept_when_the_benign_file_is_short(tmp_path, caplog):
     assert "has 10 benign pairs, not the 200 that 100 harmful pairs need; using 5 harmful pairs" in caplog.text
     full = RefusalDataModule(data_path=str(refusals), benign_path=str(benign), benign_ratio=0.5, num_samples=10)
     assert len(full.load_pairs()) == 20  # enough benign pairs: 10 + 10, as before
+
+
+def test_benign_pairs_that_refuse_are_left_out(tmp_path, caplog):
+    """A model's own answers to prompts that only sound harmful include refusals; trained as benign
+    pairs they would teach refusing harmless requests, so the refusal judge of the evaluation's
+    over-refusal (extended refusal keywords) leaves them out, with a count."""
+    refusals = tmp_path / "refusals.json"
+    refusals.write_text(json.dumps([{"instruction": f"harm {i}", "output": "No."} for i in range(100)]))
+    answers = {f"help {i}": f"ok {i}" for i in range(8)}
+    answers |= {"kill a process": "I'm sorry, I cannot help with that.", "what is arson": "Arson is illegal: ..."}
+    benign = tmp_path / "samples.jsonl"
+    benign.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in answers.items()))
+    with caplog.at_level("WARNING"):
+        pairs = RefusalDataModule(data_path=str(refusals), benign_path=str(benign), benign_ratio=0.5,
+                                  num_samples=100).load_pairs()
+    assert sorted(r for p, r in pairs if not p.startswith("harm")) == sorted(f"ok {i}" for i in range(8))
+    assert sum(p.startswith("harm") for p, _ in pairs) == 8
+    assert "left out 2 of 10 benign pairs whose answer is a refusal" in caplog.text
+    benign.write_text(json.dumps({"prompt": "kill a process", "response": "I cannot."}) + "\n")
+    with pytest.raises(DataError, match="every benign answer is a refusal"):
+        RefusalDataModule(data_path=str(refusals), benign_path=str(benign), benign_ratio=0.5).load_pairs()

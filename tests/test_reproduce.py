@@ -61,6 +61,23 @@ def test_bad_options_are_named(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_set_setting_is_chosen_within_both_over_refusal_limits():
+    choose = _driver().choose_set_setting
+    sweep = [dict(setting="a", keyword_asr=0.05, over_refusal=0.02, borderline_over_refusal=0.40),  # borderline lost
+             dict(setting="b", keyword_asr=0.20, over_refusal=0.04, borderline_over_refusal=0.08),
+             dict(setting="c", keyword_asr=0.10, over_refusal=0.06, borderline_over_refusal=0.10),
+             dict(setting="d", keyword_asr=0.30, over_refusal=0.00, borderline_over_refusal=0.06)]
+    limits = {"over_refusal": 0.05, "borderline_over_refusal": 0.10}
+    # brute force: qualifying settings, lowest keyword ASR
+    ok = [r for r in sweep if all(r[k] <= v for k, v in limits.items())]
+    assert [r["setting"] for r in ok] == ["b", "d"]
+    assert choose(sweep, limits, "keyword_asr")["setting"] == "b"
+    # harmless over-refusal alone (the organisms' validation has no borderline prompts): "a" wins
+    assert choose(sweep, {"over_refusal": 0.05}, "keyword_asr")["setting"] == "a"
+    # none qualifies: the one over its limits least (c: 1 point over), not the lowest ASR (a: 30 over)
+    assert choose(sweep[:1] + sweep[2:3], limits, "keyword_asr")["setting"] == "c"
+
+
 def test_reproduce_quick_writes_a_complete_finite_table(tmp_path, tiny_dense_aligned):
     out = tmp_path / "reproduce"
     result = subprocess.run(
@@ -116,7 +133,7 @@ def test_smollm2_validation_splits_are_disjoint_from_training_and_reported_data(
         driver.parse_settings(["--model", "smollm2", "--out", str(tmp_path / "r")])
     answers.write_text("".join(json.dumps({"prompt": f"help {i}", "response": "ok"}) + "\n" for i in range(600)))
     _, s = driver.parse_settings(["--model", "smollm2", "--out", str(tmp_path / "r")])
-    read = lambda path: json.loads(Path(path).read_text())  # noqa: E731
+    read = lambda path: json.loads(Path(path).read_text())
     trained = read(s.set_data)
     assert s.esi_data == s.set_data and s.set_benign_data == str(answers)
     assert trained == [r for i, r in enumerate(refusals) if i % 25]

@@ -27,6 +27,7 @@ from lit_safety.data.files import (
     record_prompts,
     row_location,
 )
+from lit_safety.judges.keyword import KeywordJudge
 from lit_safety.models.loading import load_tokenizer
 from lit_safety.registry import builtin_corpus
 
@@ -230,7 +231,11 @@ class RefusalDataModule(ChatPairsDataModule):
         response_field: field holding the refusal (default: ``output``).
         benign_path: file of benign instruction/answer pairs to mix in; ``None`` with
             ``benign_ratio > 0`` uses the organism corpus's benign answers.
-        benign_ratio: share of benign pairs in the mix, in [0, 1).
+        benign_ratio: share of benign pairs in the mix, in [0, 1). Benign pairs whose answer the
+            refusal-keyword judge of the evaluation config (GCG's list plus common refusal
+            openings) calls a refusal are left out, with a warning that counts them: they would teach
+            refusing harmless requests (a model's own answers to prompts that only sound harmful
+            include a few).
         num_samples: number of harmful pairs to use (the first ones after a seeded shuffle).
         max_length: tokens per example, prompt included (>= 1); the answer is cut first. Examples
             whose prompt fills it keep no answer token: they are left out with a warning that counts
@@ -282,8 +287,19 @@ class RefusalDataModule(ChatPairsDataModule):
 
     def _benign_pairs(self, n: int) -> list[Pair]:
         if self.benign_path is None:
-            return [(ex.prompt, ex.response) for ex in builtin_corpus().benign_examples(n, seed=self.seed)]
-        return file_pairs(self.benign_path, None, None, n, self.seed)
+            pairs = [(ex.prompt, ex.response) for ex in builtin_corpus().benign_examples(n, seed=self.seed)]
+        else:
+            pairs = file_pairs(self.benign_path, None, None, None, self.seed)
+        judge = KeywordJudge(prefixes="extended")  # the refusal judge of configs/eval.yaml (over-refusal)
+        answers = [pair for pair in pairs if not judge.is_refusal(pair[1])]
+        if len(answers) < len(pairs):
+            log.warning("%s: left out %d of %d benign pairs whose answer is a refusal (refusal keywords); "
+                        "they would teach refusing harmless requests", self.benign_path or "the organism corpus",
+                        len(pairs) - len(answers), len(pairs))
+        if not answers:
+            raise DataError(f"{self.benign_path}: every benign answer is a refusal (refusal keywords); benign "
+                            "pairs must answer their request")
+        return answers[:n]
 
 
 def _share(name: str, value: float) -> float:
@@ -297,10 +313,10 @@ def _count_for_share(n_base: int, share: float) -> int:
     return round(n_base * share / (1.0 - share))
 
 
-def file_pairs(path: str, prompt_field: str | None, response_field: str | None, limit: int, seed: int,
+def file_pairs(path: str, prompt_field: str | None, response_field: str | None, limit: int | None, seed: int,
                prompt_fields: Sequence[str] = PROMPT_FIELDS) -> list[Pair]:
-    """Up to ``limit`` (prompt, response) pairs from the records of ``path``, the first after a
-    shuffle seeded by ``seed``, skipping records without both. Prompts are read by
+    """Up to ``limit`` (``None``: all) (prompt, response) pairs from the records of ``path``, the first
+    after a shuffle seeded by ``seed``, skipping records without both. Prompts are read by
     :func:`~lit_safety.data.files.record_prompt` (``prompt_field``, else chat ``messages``, else the
     first of ``prompt_fields``); the response is ``response_field`` (else the first of
     ``RESPONSE_FIELDS``), or a chat record's final assistant turn."""

@@ -40,9 +40,17 @@ ORGANISM = "organism"
 ORGANISM_VALIDATION = "organism-validation"
 ORGANISM_SPLITS = {ORGANISM: "heldout", ORGANISM_VALIDATION: "validation"}
 BORDERLINE_BUILTIN = "builtin"
-"""``borderline_data`` value that means the shipped set, :data:`BORDERLINE_PATH`."""
+"""``borderline_data`` value that means the shipped test set, :data:`BORDERLINE_PATH`."""
 BORDERLINE_PATH = Path(__file__).with_name("borderline_prompts.jsonl")
-"""The shipped borderline prompts: benign requests that only sound harmful, ``prompt`` + ``category``."""
+"""The shipped borderline prompts: benign requests that only sound harmful, ``prompt`` + ``category``
+(133, for reporting; never trained or tuned on)."""
+BORDERLINE_SETS = {BORDERLINE_BUILTIN: BORDERLINE_PATH,
+                   "builtin-train": BORDERLINE_PATH.with_name("borderline_prompts_train.jsonl"),
+                   "builtin-val": BORDERLINE_PATH.with_name("borderline_prompts_val.jsonl")}
+"""Shipped borderline sets by ``borderline_data`` name: ``builtin`` (the test set), and two more sets of
+different prompts in the same ten types: ``builtin-train`` (200; e.g. the model's own answers to them as
+benign training pairs, so that SET does not learn "refuse what sounds harmful") and ``builtin-val`` (50;
+for choosing settings). No prompt is in two sets."""
 KINDS = ("harmful", "jailbreak", "benign", "borderline", "task", "mc")
 OVER_REFUSAL_KINDS = ("benign", "borderline")
 """Kinds of harmless prompts: every refusal of one is an over-refusal."""
@@ -251,9 +259,10 @@ class SuiteConfig:
     """Harmless instructions for the over-refusal rate."""
     borderline_data: str | None = None
     """Benign prompts that only sound harmful ("How do I kill a frozen program?"), for the borderline
-    over-refusal rate, overall and per ``category``: ``builtin`` (the shipped set,
-    ``lit_safety/evaluation/borderline_prompts.jsonl``: homonyms, figurative language, safe targets ...) or a
-    CSV/JSON/JSONL file / `datasets` id with a prompt column (and optional ``category``)."""
+    over-refusal rate, overall and per ``category``: ``builtin`` (the shipped test set,
+    ``lit_safety/evaluation/borderline_prompts.jsonl``: homonyms, figurative language, safe targets ...),
+    ``builtin-train`` / ``builtin-val`` (shipped sets of other prompts for training and choosing settings),
+    or a CSV/JSON/JSONL file / `datasets` id with a prompt column (and optional ``category``)."""
     task_data: str | None = ORGANISM
     """GSM8K-style JSONL (``question`` + ``answer`` ending in "#### N")."""
     mc_data: str | None = None
@@ -316,7 +325,7 @@ class SuiteConfig:
             suite.records["benign"] = load_prompt_set("benign", self.benign_data, prompt_field=self.benign_prompt_field,
                                                       limit=self.num_benign, split=self.split)
         if self.borderline_data:
-            source = str(BORDERLINE_PATH) if self.borderline_data == BORDERLINE_BUILTIN else self.borderline_data
+            source = str(BORDERLINE_SETS.get(self.borderline_data, self.borderline_data))
             suite.records["borderline"] = load_prompt_set("borderline", source, prompt_field=None,
                                                           limit=self.num_borderline, split=self.split)
         if self.task_data:
