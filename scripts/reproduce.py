@@ -823,6 +823,7 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
             s.perturb_methods, s.perturb_scales, s.spa_methods = ["esi", "random"], [3.0], ["esi", "full"]
             s.task_max_new_tokens = 64
             s.test_suite = {**s.test_suite, "num_borderline": 16, "num_task": 16}
+            s.validation_suite = {**s.validation_suite, "num_borderline": 16}
     else:
         s = Settings.quick() if args.quick else Settings()
     if args.seeds:

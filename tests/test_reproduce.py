@@ -140,6 +140,9 @@ def test_smollm2_validation_splits_are_disjoint_from_training_and_reported_data(
     assert read(s.validation_suite["harmful_data"]) == [refusals[i] for i in range(0, 25 * 64, 25)]
     assert [r["instruction"] for r in read(s.validation_suite["benign_data"])] == [f"help {i}" for i in range(600, 664)]
     assert s.test_suite["harmful_data"].endswith("advbench/harmful_behaviors.csv")
+    # borderline prompts: chosen on the shipped validation set, reported on the shipped test set (the
+    # self answers SET trains on come from the third, builtin-train; the three share no prompt)
+    assert (s.validation_suite["borderline_data"], s.test_suite["borderline_data"]) == ("builtin-val", "builtin")
     assert s.models == {"unaligned": "smollm2-135m-instruct", "aligned": "smollm2-135m-instruct-aligned"}
     assert s.set_selection_metric == "keyword_asr"
     # SPA trains on GSM8K train and is measured on GSM8K test
