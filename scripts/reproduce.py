@@ -378,15 +378,11 @@ def train(name: str, intervention: str, method: str, ratio: float, lr: float, st
 
 
 def save_model(module: SafetyInterventionModule, path: Path, setting: str) -> None:
-    """A trained model in HF format (with its tokenizer and, for SET/SPA, its mask), atomically."""
-    with atomic_dir(path) as tmp:
-        module.model.save_pretrained(tmp, safe_serialization=True)
-        module.tokenizer.save_pretrained(tmp)
-        if module.mask is not None:
-            module.mask.save(tmp / "mask.safetensors")
-        write_json(tmp / "reproduce_run.json", {"model": module.hparams.model, "setting": setting,
-                                               "intervention": module.hparams.intervention,
-                                               "selection": module.selection.method})
+    """A trained model, published by the module's own export: ``path/model`` (HF format, tokenizer),
+    ``mask.safetensors``, ``hparams.yaml`` and ``summary.json`` (with ``setting``), as one unit."""
+    module.hparams.save_model = True
+    path.mkdir(parents=True, exist_ok=True)
+    module.export(path, extra={"setting": setting})
 
 
 def set_runs(kind: str, s: Settings, meter: Meter, val_meter: Meter, preset: str, workdir: Path, log,
@@ -817,13 +813,14 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
         work = args.out.parent / f".{args.out.name}.work"
         s = Settings.smollm2(smollm2_splits(work)) if not args.from_results else Settings.smollm2(
             {k: "" for k in ("set_refusals", "val_harmful", "val_benign", "self_answers")})
-        if args.quick:
-            s.set_steps, s.n_eval, s.set_esi_prompts, s.esi_prompts, s.spa_steps = 10, 16, 16, 16, 5
+        if args.quick:  # a smoke run of every claim's code path on the real model (figures not meaningful)
+            s.set_steps, s.n_eval, s.set_esi_prompts, s.esi_prompts, s.spa_steps = 6, 8, 8, 8, 4
+            s.set_batch_size, s.set_max_length, s.spa_batch_size, s.spa_max_length = 4, 64, 2, 128
             s.set_lrs = {"esi": [1e-3], "random": [5e-3]}
             s.perturb_methods, s.perturb_scales, s.spa_methods = ["esi", "random"], [3.0], ["esi", "full"]
-            s.task_max_new_tokens = 64
-            s.test_suite = {**s.test_suite, "num_borderline": 16, "num_task": 16}
-            s.validation_suite = {**s.validation_suite, "num_borderline": 16}
+            s.task_max_new_tokens = 48
+            s.test_suite = {**s.test_suite, "num_borderline": 8, "num_task": 8}
+            s.validation_suite = {**s.validation_suite, "num_borderline": 8}
     else:
         s = Settings.quick() if args.quick else Settings()
     if args.seeds:

@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from lit_safety.esi.mask import SafetyMask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,3 +152,22 @@ def test_smollm2_validation_splits_are_disjoint_from_training_and_reported_data(
     assert s.spa_data.endswith("gsm8k/train.jsonl") and s.test_suite["task_data"].endswith("gsm8k/test.jsonl")
     with pytest.raises(SystemExit):
         driver.parse_settings(["--model", "smollm2", "--organisms", "dense", "--out", str(tmp_path / "r")])
+
+
+def test_trained_models_are_saved_by_the_modules_export(tmp_path, tiny_dense_aligned):
+    """The driver saves a trained model through SafetyInterventionModule.export (one published unit:
+    model/, mask, hparams, summary with the setting), and the saved model reloads with its weights."""
+    driver = _driver()
+    s = driver.Settings.quick()
+    data = driver.RefusalDataModule(tokenizer=str(tiny_dense_aligned), batch_size=4, max_length=64, num_samples=16)
+    module, _, _ = driver.train(str(tiny_dense_aligned), "set", "esi", 0.01, 1e-3, 2, 0, data, tmp_path / "work", s)
+    out = tmp_path / "models" / "set-dense-esi-seed0"
+    driver.save_model(module, out, "lr=0.001, benign=0")
+    assert json.loads((out / "summary.json").read_text())["setting"] == "lr=0.001, benign=0"
+    manifest = json.loads((out / ".result" / "manifest.json").read_text())
+    assert {name.split("/")[0] for name in manifest["files"]} == {"model", "mask.safetensors", "hparams.yaml",
+                                                                  "summary.json"}
+    model, _ = driver.load_model_and_tokenizer(str(out / "model"))
+    saved = model.state_dict()
+    assert all(torch.equal(saved[name], value) for name, value in module.model.state_dict().items())
+    assert SafetyMask.load(out / "mask.safetensors").k == module.mask.k

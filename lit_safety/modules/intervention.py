@@ -242,11 +242,13 @@ class SafetyInterventionModule(OutputDirClaim, CausalLMModule):
             self.export(Path(self.hparams.output_dir), state_dict=state_dict)
 
     # -- outputs ---------------------------------------------------------------------------------
-    def export(self, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def export(self, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None,
+               extra: dict[str, Any] | None = None) -> None:
         """Publish ``model/`` (HF format + tokenizer), ``mask.safetensors``, ``hparams.yaml`` and
         ``summary.json`` in ``out_dir`` as one unit (:func:`~lit_safety.io.publish`): they replace an
-        earlier result there together, in one step, or not at all."""
-        summary = {
+        earlier result there together, in one step, or not at all. ``extra``: more ``summary.json``
+        fields (e.g. a driver's setting)."""
+        summary = {**(extra or {}),
             "intervention": self.hparams.intervention, "selection": config_dict(self.selection),
             "model": self.hparams.model, "steps": int(self.trainer.global_step),
             "trainable_weights": getattr(self, "trainable_weights", None),
