@@ -7,8 +7,8 @@ import csv
 import json
 
 import pytest
-from conftest import shared_data
 
+from conftest import shared_data
 from lit_safety.data.datamodules import InstructionDataModule, RefusalDataModule
 from lit_safety.data.esi import HarmfulPromptsDataModule
 from lit_safety.data.files import DataError, prompt_key, read_prompts, read_records, record_prompt, record_prompts
