@@ -172,8 +172,10 @@ class Settings:
             models={"unaligned": "smollm2-135m-instruct", "aligned": "smollm2-135m-instruct-aligned"},
             # noise of 3 sigma on a random 1% already breaks a 135M model (gibberish): smaller scales
             perturb_methods=["esi", "random", "bottom", "magnitude"], perturb_scales=[0.5, 1.0, 2.0], esi_prompts=128,
-            set_lrs={"esi": [1e-4, 3e-4, 1e-3], "random": [3e-4, 1e-3, 3e-3], "bottom": [1e-3], "full": [1e-5]},
-            set_benign_ratios=[0.75], set_esi_prompts=128,
+            # learning rates: the earlier validation sweeps' choices (README); the benign share is swept,
+            # with the model's own answers to Alpaca and builtin-train borderline prompts as benign pairs
+            set_lrs={"esi": [1e-3], "random": [3e-3], "bottom": [1e-3], "full": [1e-5]},
+            set_benign_ratios=[0.9, 0.95], set_esi_prompts=128,
             # The trained judge calls most of the unaligned model's answers harmless (a 135M model's
             # compliance is often too vague to help); SET trains refusals, so settings are chosen by the
             # keyword (refusal) ASR on validation prompts, and both ASRs are reported.
@@ -816,7 +818,7 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
         if args.quick:  # a smoke run of every claim's code path on the real model (figures not meaningful)
             s.set_steps, s.n_eval, s.set_esi_prompts, s.esi_prompts, s.spa_steps = 6, 8, 8, 8, 4
             s.set_batch_size, s.set_max_length, s.spa_batch_size, s.spa_max_length = 4, 64, 2, 128
-            s.set_lrs = {"esi": [1e-3], "random": [5e-3]}
+            s.set_lrs, s.set_benign_ratios = {"esi": [1e-3], "random": [5e-3]}, [0.9]
             s.perturb_methods, s.perturb_scales, s.spa_methods = ["esi", "random"], [3.0], ["esi", "full"]
             s.task_max_new_tokens = 48
             s.test_suite = {**s.test_suite, "num_borderline": 8, "num_task": 8}
