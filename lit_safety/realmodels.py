@@ -84,6 +84,10 @@ class AlignRecipe:
     holdout_every: int = 25
     """Every n-th refusal pair is held out of training (the validation prompts of scripts/reproduce.py)."""
     benign_ratio: float = 0.5
+    drop_refusing_benign: bool = False
+    """Leave out the base's benign answers that are refusals by the refusal keywords
+    (:class:`~lit_safety.data.RefusalDataModule`). ``False``: the published variant was built keeping
+    them (6 of SmolLM2's 600 answers), before that filter existed, and its measured figures are of that build."""
     steps: int = 150
     learning_rate: float = 3e-5
     batch_size: int = 8
@@ -160,7 +164,7 @@ def build_aligned(name: str, root: Path, *, log_line=_stderr) -> Path:
     module = SafetyInterventionModule(model=recipe.base, intervention="full", learning_rate=recipe.learning_rate,
                                       output_dir=str(root))
     data = RefusalDataModule(tokenizer=recipe.base, data_path=str(refusals), benign_path=str(benign),
-                             benign_ratio=recipe.benign_ratio,
+                             benign_ratio=recipe.benign_ratio, drop_refusing_benign=recipe.drop_refusing_benign,
                              num_samples=max(1, round(len(pairs) * (1 - recipe.benign_ratio) / recipe.benign_ratio)),
                              batch_size=recipe.batch_size, max_length=recipe.max_length, val_fraction=0.0,
                              seed=recipe.seed)

@@ -167,6 +167,11 @@ def test_benign_pairs_that_refuse_are_left_out(tmp_path, caplog):
     assert sorted(r for p, r in pairs if not p.startswith("harm")) == sorted(f"ok {i}" for i in range(8))
     assert sum(p.startswith("harm") for p, _ in pairs) == 8
     assert "left out 2 of 10 benign pairs whose answer is a refusal" in caplog.text
+    kept = RefusalDataModule(data_path=str(refusals), benign_path=str(benign), benign_ratio=0.5, num_samples=100,
+                             drop_refusing_benign=False).load_pairs()
+    assert sorted(r for p, r in kept if not p.startswith("harm")) == sorted(answers.values())
+    with pytest.raises(ValueError, match="drop_refusing_benign"):
+        RefusalDataModule(benign_ratio=0.5, drop_refusing_benign="no")
     benign.write_text(json.dumps({"prompt": "kill a process", "response": "I cannot."}) + "\n")
     with pytest.raises(DataError, match="every benign answer is a refusal"):
         RefusalDataModule(data_path=str(refusals), benign_path=str(benign), benign_ratio=0.5).load_pairs()

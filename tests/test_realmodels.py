@@ -3,6 +3,7 @@ tiny dense organism with synthetic data, so that the recipe's every step is chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -31,9 +32,18 @@ def recipe(tmp_path, monkeypatch, tiny_dense_aligned):
     return spec, refusals
 
 
-def test_aligned_variant_is_trained_on_refusals_and_the_bases_own_answers(recipe, capsys):
+def test_aligned_variant_is_trained_on_refusals_and_the_bases_own_answers(recipe, capsys, monkeypatch):
     spec, refusals = recipe
+    built_with = []
+
+    class Recording(realmodels.RefusalDataModule):
+        def make_pairs(self):
+            built_with.append(self.drop_refusing_benign)
+            return super().make_pairs()
+
+    monkeypatch.setattr(realmodels, "RefusalDataModule", Recording)
     aligned = load_model(NAME)  # resolves through the registry; built on first use
+    assert built_with == [spec.drop_refusing_benign] == [False]  # the recipe's choice reaches its data
     root = realmodels.aligned_entry(NAME)
     assert aligned.config.name_or_path.startswith(str(root / "model"))
     base, tokenizer = load_model_and_tokenizer(BASE)
@@ -61,3 +71,13 @@ def test_aligned_variant_without_its_data_names_the_file_and_the_variable(recipe
     with pytest.raises(ModelLoadError, match=r"nowhere/refusals\.json, which does not exist; .*LIT_SAFETY_DATA="):
         load_model(NAME)
     assert next(row for row in realmodels.listing() if row[0] == NAME)[1] == "no data"
+
+
+def test_every_recipe_field_is_part_of_the_cache_key(recipe, monkeypatch):
+    """A variant built with other data choices (here: the benign-refusal filter) is another entry."""
+    spec, _ = recipe
+    entries = {realmodels.aligned_entry(NAME)}
+    for change in ({"drop_refusing_benign": True}, {"benign_ratio": 0.6}, {"seed": 1}):
+        monkeypatch.setitem(realmodels.ALIGNED, NAME, dataclasses.replace(spec, **change))
+        entries.add(realmodels.aligned_entry(NAME))
+    assert len(entries) == 4

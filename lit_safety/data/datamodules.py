@@ -231,11 +231,12 @@ class RefusalDataModule(ChatPairsDataModule):
         response_field: field holding the refusal (default: ``output``).
         benign_path: file of benign instruction/answer pairs to mix in; ``None`` with
             ``benign_ratio > 0`` uses the organism corpus's benign answers.
-        benign_ratio: share of benign pairs in the mix, in [0, 1). Benign pairs whose answer the
-            refusal-keyword judge of the evaluation config (GCG's list plus common refusal
-            openings) calls a refusal are left out, with a warning that counts them: they would teach
-            refusing harmless requests (a model's own answers to prompts that only sound harmful
-            include a few).
+        benign_ratio: share of benign pairs in the mix, in [0, 1).
+        drop_refusing_benign: leave out benign pairs whose answer the refusal-keyword judge of the
+            evaluation config (GCG's list plus common refusal openings) calls a refusal, with a
+            warning that counts them: they would teach refusing harmless requests (a model's own
+            answers to prompts that only sound harmful include a few). ``False`` keeps them, as
+            recipes built before this filter did.
         num_samples: number of harmful pairs to use (the first ones after a seeded shuffle).
         max_length: tokens per example, prompt included (>= 1); the answer is cut first. Examples
             whose prompt fills it keep no answer token: they are left out with a warning that counts
@@ -250,6 +251,7 @@ class RefusalDataModule(ChatPairsDataModule):
         response_field: str | None = "output",
         benign_path: str | None = None,
         benign_ratio: float = 0.0,
+        drop_refusing_benign: bool = True,
         num_samples: int = 2000,
         batch_size: int = 16,
         max_length: int = 256,
@@ -261,6 +263,9 @@ class RefusalDataModule(ChatPairsDataModule):
                          val_fraction, num_workers, seed)
         self.benign_path = benign_path
         self.benign_ratio = _share("benign_ratio", benign_ratio)
+        if not isinstance(drop_refusing_benign, bool):
+            raise ValueError(f"drop_refusing_benign must be true or false, got {drop_refusing_benign!r}")
+        self.drop_refusing_benign = drop_refusing_benign
 
     def data_source(self) -> str:
         if not self.benign_ratio:
@@ -290,6 +295,8 @@ class RefusalDataModule(ChatPairsDataModule):
             pairs = [(ex.prompt, ex.response) for ex in builtin_corpus().benign_examples(n, seed=self.seed)]
         else:
             pairs = file_pairs(self.benign_path, None, None, None, self.seed)
+        if not self.drop_refusing_benign:
+            return pairs[:n]
         judge = KeywordJudge(prefixes="extended")  # the refusal judge of configs/eval.yaml (over-refusal)
         answers = [pair for pair in pairs if not judge.is_refusal(pair[1])]
         if len(answers) < len(pairs):
