@@ -222,9 +222,12 @@ def test_a_gguf_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
     path.write_bytes(b"first")
     first = gguf.converted_dir(path)
     assert gguf.converted_dir(path) == first and len(calls) == 1
-    assert first.name == "model" and first.parent.name == f"m-{hashlib.sha256(b'first').hexdigest()[:16]}-c{gguf.CONVERTER_VERSION}"
+    def entry(data: bytes) -> str:
+        return f"m-{hashlib.sha256(data).hexdigest()[:16]}-c{gguf.CONVERTER_VERSION}"
+
+    assert first.name == "model" and first.parent.name == entry(b"first")
     path.write_bytes(b"second")
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
-    assert gguf.converted_dir(path).parent.name == f"m-{hashlib.sha256(b'second').hexdigest()[:16]}-c{gguf.CONVERTER_VERSION}"
+    assert gguf.converted_dir(path).parent.name == entry(b"second")
     assert len(calls) == 2 and not gguf.is_converted(first)
     gguf._sha256.cache_clear()
