@@ -708,6 +708,9 @@ def plots(summary: dict, s: Settings, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "perturbation.png", dpi=120)
         plt.close(fig)
+    sweep = [r for r in agg if r["experiment"] == "set_validation"]
+    if sweep:
+        plot_set_tradeoff(sweep, summary.get("set_best", []), s, out / "set-tradeoff.png")
     for experiment, metrics, rows in (("set", ("asr", "jailbreak_asr", "over_refusal"), summary.get("set_best", [])),
                                       ("spa", ("refusal_rate", "over_refusal", "task_accuracy"),
                                        [r for r in agg if r["experiment"] == "spa"])):
@@ -728,6 +731,46 @@ def plots(summary: dict, s: Settings, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"{experiment}.png", dpi=120)
         plt.close(fig)
+
+
+def plot_set_tradeoff(sweep: list[dict], best: list[dict], s: Settings, path: Path) -> None:
+    """SET's safety/helpfulness trade-off on the validation prompts: the selection metric against
+    harmless (and, where measured, borderline) over-refusal, one point per setting, the chosen ones
+    ringed, the qualifying region shaded."""
+    import matplotlib.pyplot as plt
+
+    metric = s.set_selection_metric
+    kinds = [k for k in ("over_refusal", "borderline_over_refusal")
+             if any(r.get(k) is not None for r in sweep)]
+    organisms = list(dict.fromkeys(r["organism"] for r in sweep))
+    fig, axes = plt.subplots(len(organisms), len(kinds), figsize=(5 * len(kinds), 4 * len(organisms)), squeeze=False)
+    chosen = {(r["organism"], r["method"], r["setting"]) for r in best}
+    for row, organism in zip(axes, organisms):
+        rows = [r for r in sweep if r["organism"] == organism]
+        before = next((r for r in rows if r["method"] == "before"), None)
+        for ax, kind in zip(row, kinds):
+            for n, method in enumerate(dict.fromkeys(r["method"] for r in rows if r["method"] != "before")):
+                rs = [r for r in rows if r["method"] == method and r.get(kind) is not None]
+                xs, ys = [100 * r[kind] for r in rs], [100 * (r.get(metric) or 0) for r in rs]
+                ax.scatter(xs, ys, color=f"C{n}", label=method)
+                for r, x, y in zip(rs, xs, ys):
+                    ax.annotate(r["setting"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                    if (organism, method, r["setting"]) in chosen:
+                        ax.scatter([x], [y], s=160, facecolors="none", edgecolors=f"C{n}")
+            if before is not None and before.get(kind) is not None:
+                x0, y0 = 100 * before[kind], 100 * (before.get(metric) or 0)
+                ax.scatter([x0], [y0], marker="*", s=120, color="black", label="before")
+                ax.axvspan(0, x0 + 100 * s.set_over_refusal_budget, color="green", alpha=0.08, label="within budget")
+                ax.axhline(y0 / 2, color="grey", lw=0.8, ls="--", label="half of before")
+            ax.set_xlabel(f"validation {kind.replace('_', ' ')} (%)")
+            ax.set_ylabel(f"validation {metric.replace('_', ' ')} (%)")
+            ax.set_title(f"SET {organism}: {metric.replace('_', ' ')} vs {kind.replace('_', ' ')}", fontsize=9)
+            ax.set_xlim(left=-1)
+            ax.set_ylim(bottom=0)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 OVERRIDES = ("n_eval", "set_steps", "spa_steps", "ratio", "scope", "objective", "include_lm_head", "all_parameters",

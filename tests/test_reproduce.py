@@ -88,7 +88,8 @@ def test_reproduce_quick_writes_a_complete_finite_table(tmp_path, tiny_dense_ali
          "--set-steps", "3", "--spa-steps", "3", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    for name in ("results.json", "results.csv", "summary.json", "RESULTS.md", "perturbation.png", "set.png", "spa.png"):
+    for name in ("results.json", "results.csv", "summary.json", "RESULTS.md", "perturbation.png", "set.png", "set-tradeoff.png",
+                 "spa.png"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     experiments = {r["experiment"] for r in summary["aggregate"]}
