@@ -657,12 +657,15 @@ def claims(summary: dict, s: Settings) -> dict[str, dict]:
             if not (before and "esi" in best and before.get(metric)):
                 continue
             reduction = 1 - best["esi"][metric] / before[metric]
-            beats = "random" not in best or best["esi"][metric] < best["random"][metric]
+            detail = (f"{label} {100 * before[metric]:.1f} -> {100 * best['esi'][metric]:.1f} "
+                      f"({100 * reduction:.0f}% relative)")
+            if best.get("random", {}).get(metric) is None:  # not run: the comparison is not claimed
+                out[f"SET ESI-1% cuts {label} >= 50% ({organism}; random-1% not run)"] = {
+                    "holds": reduction >= 0.5, "detail": detail}
+                continue
             out[f"SET ESI-1% cuts {label} >= 50% and beats random-1% ({organism})"] = {
-                "holds": reduction >= 0.5 and beats,
-                "detail": f"{label} {100 * before[metric]:.1f} -> {100 * best['esi'][metric]:.1f} "
-                          f"({100 * reduction:.0f}% relative); random "
-                          f"{100 * (best.get('random', {}).get(metric) or math.nan):.1f}"}
+                "holds": reduction >= 0.5 and best["esi"][metric] < best["random"][metric],
+                "detail": f"{detail}; random {100 * best['random'][metric]:.1f}"}
         if before and "esi" in best:
             if s.test_suite is not None:  # a real model: helpfulness kept on the reported benign prompts
                 esi = best["esi"]
