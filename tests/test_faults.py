@@ -41,25 +41,37 @@ def test_atomic_dir_survives_sigkill_at_any_moment(tmp_path):
         (tmp / "b").write_text("0")
     rng = random.Random(0)
     versions = set()
-    for _ in range(200):
+    for i in range(200):
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the writer: new versions until killed
             try:
-                n = 1 + int.from_bytes(os.urandom(4), "big")
+                os.close(ready_r)
+                n = 0
                 while True:
                     with atomic_dir(out) as tmp:
-                        (tmp / "a").write_text(str(n))
-                        (tmp / "b").write_text(str(n))
+                        (tmp / "a").write_text(f"{i}:{n}")
+                        (tmp / "b").write_text(f"{i}:{n}")
+                    if ready_w is not None:  # one version of its own written: the kill may come any time now
+                        os.write(ready_w, b"1")
+                        os.close(ready_w)
+                        ready_w = None
                     n += 1
             finally:
                 os._exit(0)
+        os.close(ready_w)
+        # a slow machine may not finish a forked writer's first write within the delay below: wait for
+        # it, so that every kill falls after a version of this writer (random moments of later writes)
+        assert os.read(ready_r, 1) == b"1"
+        os.close(ready_r)
         time.sleep(rng.uniform(0.001, 0.01))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         a, b = (out / "a").read_text(), (out / "b").read_text()  # never missing
         assert a == b  # never a mix
+        assert a.startswith(f"{i}:")  # a version of the writer just killed (it had finished one before)
         versions.add(a)
-    assert len(versions) > 50  # the kills fell in different writes
+    assert len({v.split(":")[1] for v in versions}) > 1  # and the kills fell in different writes of theirs
     with atomic_dir(out) as tmp:  # the next writer removes what the killed ones left
         (tmp / "a").write_text("last")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
