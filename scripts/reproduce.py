@@ -174,7 +174,7 @@ class Settings:
             perturb_methods=["esi", "random", "bottom", "magnitude"], perturb_scales=[0.5, 1.0, 2.0], esi_prompts=128,
             # learning rates: the earlier validation sweeps' choices (README); the benign share is swept,
             # with the model's own answers to Alpaca and builtin-train borderline prompts as benign pairs
-            set_lrs={"esi": [1e-3], "random": [3e-3], "bottom": [1e-3], "full": [1e-5]},
+            set_lrs={"esi": [2e-3], "random": [3e-3], "bottom": [1e-3], "full": [1e-5]},
             set_benign_ratios=[0.9, 0.95], set_esi_prompts=128,
             # The trained judge calls most of the unaligned model's answers harmless (a 135M model's
             # compliance is often too vague to help); SET trains refusals, so settings are chosen by the
