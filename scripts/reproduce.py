@@ -756,11 +756,17 @@ def plots(summary: dict, s: Settings, out: Path) -> None:
     sweep = [r for r in agg if r["experiment"] == "set_validation"]
     if sweep:
         plot_set_tradeoff(sweep, summary.get("set_best", []), s, out / "set-tradeoff.png")
-    for experiment, metrics, rows in (("set", ("asr", "jailbreak_asr", "over_refusal"), summary.get("set_best", [])),
+    # SET: before and each method's chosen setting; the keyword ASR beside a trained judge (a real
+    # model's suite), and only the metrics the run measured (no empty jailbreak or borderline bars)
+    set_before = [r for r in agg if r["experiment"] == "set" and r["method"] == "before"]
+    set_metrics = ("asr", *(("keyword_asr",) if s.test_suite is not None else ()), "jailbreak_asr", "over_refusal",
+                   "borderline_over_refusal")
+    for experiment, metrics, rows in (("set", set_metrics, set_before + summary.get("set_best", [])),
                                       ("spa", ("refusal_rate", "over_refusal", "task_accuracy"),
                                        [r for r in agg if r["experiment"] == "spa"])):
-        if not rows:
+        if all(r["method"] == "before" for r in rows):
             continue
+        metrics = [m for m in metrics if any(r.get(m) is not None for r in rows)]
         fig, axes = plt.subplots(1, len(s.organisms), figsize=(5.5 * len(s.organisms), 3.5), squeeze=False)
         for ax, organism in zip(axes[0], s.organisms):
             rs = [r for r in rows if r["organism"] == organism]
