@@ -1002,8 +1002,9 @@ def main() -> None:
                 runs = add_seeds(runs, json.loads((other / "results.json").read_text())["runs"], str(other))
             except ValueError as error:
                 raise SystemExit(f"--add-seeds {error}") from None
-            seconds += json.loads((other / "summary.json").read_text())["seconds"]
-            for kind, loc in json.loads((other / "summary.json").read_text()).get("location", {}).items():
+            other_summary = json.loads((other / "summary.json").read_text())
+            seconds += other_summary["seconds"]
+            for kind, loc in other_summary.get("location", {}).items():
                 location.setdefault(kind, loc)
         s.seeds = sorted({r["seed"] for r in runs if r["method"] != "before"}) or s.seeds
         s.organisms = [k for k in s.organisms if any(r["organism"] == k for r in runs)]
