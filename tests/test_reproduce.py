@@ -197,15 +197,16 @@ def test_trained_models_are_saved_by_the_modules_export(tmp_path, tiny_dense_ali
     assert SafetyMask.load(out / "mask.safetensors").k == module.mask.k
 
 
-def _set_runs(seed: int, asr: float, setting: str = "lr=0.002, benign=0.9", before_asr: float = 0.4) -> list[dict]:
+def _set_runs(seed: int, asr: float, setting: str = "lr=0.002, benign=0.9", before_asr: float = 0.4,
+              method: str = "esi") -> list[dict]:
     """One SET run's results.json rows (one method, one seed) as the driver writes them."""
     def row(experiment, method, setting_, seed_, value):
         return dict(experiment=experiment, organism="dense", method=method, setting=setting_, seed=seed_, asr=value,
                     keyword_asr=value + 0.3, over_refusal=0.02 * seed_, borderline_over_refusal=0.05,
                     seconds=10.0 + seed_)
     return [row("set", "before", "-", 0, before_asr), row("set_validation", "before", "-", 0, before_asr - 0.1),
-            {**row("set_validation", "esi", setting, seed, asr - 0.05), "lr": 0.002, "benign": 0.9},
-            row("set", "esi", setting, seed, asr)]
+            {**row("set_validation", method, setting, seed, asr - 0.05), "lr": 0.002, "benign": 0.9},
+            row("set", method, setting, seed, asr)]
 
 
 def _write_results(out: Path, runs: list[dict], seconds: float, command: str) -> Path:
@@ -259,3 +260,40 @@ def test_add_seeds_merges_runs_of_other_seeds_into_one_table(tmp_path):
         driver.add_seeds(_set_runs(0, 0.2), _set_runs(1, 0.1, before_asr=0.5), "x")
     with pytest.raises(SystemExit):
         driver.parse_settings(["--add-seeds", str(b)])  # without --from-results
+
+
+def test_combine_adds_the_methods_of_a_later_run_and_replaces_its_own(tmp_path):
+    """A later run of other methods (--set-methods random after an ESI-only run) adds them to the table;
+    its runs of a method --out has replace them; a kept method measured against another 'before' is refused."""
+    esi = _write_results(tmp_path / "esi", _set_runs(0, 0.20), 60.0, "python scripts/reproduce.py --set-methods esi")
+    rand = _write_results(tmp_path / "random", _set_runs(0, 0.30, method="random"), 30.0,
+                          "python scripts/reproduce.py --set-methods random")
+    again = _write_results(tmp_path / "esi-again", _set_runs(0, 0.10, setting="lr=0.003, benign=0.9"), 45.0,
+                           "python scripts/reproduce.py --set-methods esi --set-lrs esi=3e-3")
+    other = _write_results(tmp_path / "other-model", _set_runs(0, 0.30, before_asr=0.5, method="random"), 30.0,
+                           "python scripts/reproduce.py --set-methods random --models unaligned=x")
+
+    def combine(*later: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/reproduce.py", "--only", "set", "--organisms", "dense",
+                               "--from-results", "--out", str(esi), "--combine", *map(str, later)],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    refused = combine(other)
+    assert refused.returncode != 0 and f"--combine {other}: set dense before: the 'before' measurement differs in " \
+                                       "asr, keyword_asr" in refused.stderr
+    result = combine(rand, again)
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = json.loads((esi / "results.json").read_text())["runs"]
+    assert sorted((r["experiment"], r["method"], r["setting"], r["asr"]) for r in runs) == sorted([
+        ("set", "before", "-", 0.4), ("set_validation", "before", "-", 0.4 - 0.1),
+        ("set", "esi", "lr=0.003, benign=0.9", 0.10), ("set_validation", "esi", "lr=0.003, benign=0.9", 0.10 - 0.05),
+        ("set", "random", "lr=0.002, benign=0.9", 0.30),
+        ("set_validation", "random", "lr=0.002, benign=0.9", 0.30 - 0.05)])
+    summary = json.loads((esi / "summary.json").read_text())
+    assert [(r["method"], r["asr"]) for r in summary["set_best"]] == [("esi", 0.10), ("random", 0.30)]
+    assert summary["seconds"] == 135.0
+    table = (esi / "RESULTS.md").read_text()
+    assert "| dense | esi | lr=0.003, benign=0.9 | 10.0 |" in table
+    assert "| dense | random | lr=0.002, benign=0.9 | 30.0 |" in table
+    for command in ("--set-methods esi`", "--set-methods random`", "--set-lrs esi=3e-3`"):
+        assert command in table
