@@ -10,8 +10,9 @@
    rate x benign share runs on the first seed and is measured on the VALIDATION prompts (held-out
    distribution, never a test prompt); the setting with the lowest validation ASR whose validation
    over-refusal stays within ``set_over_refusal_budget`` of before (or, if none does, the lowest
-   over-refusal) is then run on every seed and reported on the test prompts: direct and jailbreak-template ASR, over-refusal, task accuracy,
-   wall time and peak memory.
+   over-refusal) is then run on every seed and reported on the test prompts: direct and
+   jailbreak-template ASR, over-refusal, task accuracy, wall time and peak memory (its runs on the
+   other seeds are measured on the validation prompts too, to show how much a seed moves them).
 4. SPA on the ALIGNED organisms: task fine-tuning (arithmetic word problems) with the ESI top-k
    frozen vs random-k frozen vs full fine-tuning; refusal before/after, task accuracy.
 
@@ -394,7 +395,8 @@ def save_model(module: SafetyInterventionModule, path: Path, setting: str) -> No
 def set_runs(kind: str, s: Settings, meter: Meter, val_meter: Meter, preset: str, workdir: Path, log,
              models_dir: Path | None = None) -> list[dict]:
     """SET per method: the (lr, benign share) sweep on the first seed, measured on validation
-    prompts; the chosen setting on every seed, measured on the test prompts."""
+    prompts; the chosen setting on every seed, measured on the test prompts (and, on the other
+    seeds, on the validation prompts)."""
     name = model_name(s, kind, "unaligned", preset)
     model, tokenizer = load_model_and_tokenizer(name)
     runs = [{"experiment": "set", "organism": kind, "method": "before", "setting": "-", "seed": 0,
@@ -410,6 +412,14 @@ def set_runs(kind: str, s: Settings, meter: Meter, val_meter: Meter, preset: str
                                  max_length=s.set_max_length, seed=seed)
         return train(name, "set", method, s.ratio, lr, s.set_steps, seed, data,
                      workdir / f"set-{kind}-{method}-{lr}-{benign}-{seed}", s)
+
+    def validate(method: str, setting: str, lr: float, benign: float, seed: int, module) -> dict:
+        v = val_meter(module.model, module.tokenizer, kinds=VALIDATION_KINDS, name=name)
+        log(f"SET {kind} {method} {setting} seed={seed}: validation ASR {v['asr']:.1%}, "
+            f"over-refusal {v['over_refusal']:.1%}" + (f", borderline {v['borderline_over_refusal']:.1%}"
+                                                       if v["borderline_over_refusal"] is not None else ""))
+        return {"experiment": "set_validation", "organism": kind, "method": method, "setting": setting, "seed": seed,
+                **v, "lr": lr, "benign": benign}
 
     def record(method: str, setting: str, seed: int, module, seconds: float, peak: float) -> None:
         m = meter(module.model, module.tokenizer, name=name)
@@ -427,19 +437,15 @@ def set_runs(kind: str, s: Settings, meter: Meter, val_meter: Meter, preset: str
             for benign in s.set_benign_ratios:
                 setting = f"lr={lr:g}, benign={benign:g}"
                 trained[setting] = run(method, lr, benign, first)
-                module = trained[setting][0]
-                v = val_meter(module.model, module.tokenizer, kinds=VALIDATION_KINDS, name=name)
-                sweep.append({"experiment": "set_validation", "organism": kind, "method": method, "setting": setting,
-                              "seed": first, **v, "lr": lr, "benign": benign})
-                log(f"SET {kind} {method} {setting} seed={first}: validation ASR {v['asr']:.1%}, "
-                    f"over-refusal {v['over_refusal']:.1%}" + (f", borderline {v['borderline_over_refusal']:.1%}"
-                                                               if v["borderline_over_refusal"] is not None else ""))
+                sweep.append(validate(method, setting, lr, benign, first, trained[setting][0]))
         best = choose_set_setting(sweep, limits, s.set_selection_metric)
         runs += sweep
         record(method, best["setting"], first, *trained[best["setting"]])
         del trained
-        for seed in rest:
-            record(method, best["setting"], seed, *run(method, best["lr"], best["benign"], seed))
+        for seed in rest:  # validated too, so that the validation table shows how much a seed moves it
+            result = run(method, best["lr"], best["benign"], seed)
+            runs.append(validate(method, best["setting"], best["lr"], best["benign"], seed, result[0]))
+            record(method, best["setting"], seed, *result)
     return runs
 
 
@@ -661,7 +667,8 @@ def markdown(summary: dict, s: Settings) -> str:
     if sweep:
         val_seeds = summary.get("validation_seeds") or s.seeds[:1]
         which = f"seed {val_seeds[0]}" if len(val_seeds) == 1 else \
-            f"seeds {', '.join(map(str, val_seeds))}: each run's first seed, mean ± std; the choice was each run's own"
+            f"seeds {', '.join(map(str, val_seeds))}: mean ± std over the seeds each setting ran on; each run chose " \
+            "on its first seed"
         lines += [f"**3a. SET sweep on the validation prompts ({which}; qualifies: over-refusal "
                   f"(harmless, and borderline where measured) within {100 * s.set_over_refusal_budget:.0f} points "
                   f"of before; chosen = lowest {'keyword ' if s.set_selection_metric == 'keyword_asr' else ''}ASR "

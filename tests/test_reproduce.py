@@ -104,6 +104,44 @@ def test_set_claims_compare_with_random_only_when_random_ran():
             {"holds": False, "detail": "keyword ASR 90.0 -> 50.0 (44% relative); random 60.0"}}
 
 
+def test_set_sweeps_on_the_first_seed_and_validates_the_choice_on_every_seed(tmp_path, monkeypatch):
+    """SET's sweep trains every setting on the first seed only; the setting chosen there is trained on
+    every other seed, and each of those runs is measured on the validation prompts as well as the test
+    prompts (fakes stand in for the model, the training and the meters)."""
+    driver = _driver()
+    trained = []
+
+    class Module:
+        def __init__(self, lr, seed):
+            self.model, self.tokenizer, self.trainable_weights = (lr, seed), None, 7
+
+    def train(name, intervention, method, ratio, lr, steps, seed, data, workdir, s):
+        trained.append((method, lr, data.benign_ratio, seed))
+        return Module(lr, seed), 1.0, 2.0
+
+    def meter(model, tokenizer, kinds=(), *, name):  # before: (0, 0); the lower lr refuses too much
+        lr, seed = model if isinstance(model, tuple) else (0.0, 0)
+        return {"asr": 0.5 - 100 * lr + seed / 100, "keyword_asr": 0.9 - 100 * lr + seed / 100,
+                "over_refusal": 0.2 if lr == 1e-3 else 0.01, "borderline_over_refusal": 0.0}
+
+    monkeypatch.setattr(driver, "load_model_and_tokenizer", lambda name: ((0.0, 0), None))
+    monkeypatch.setattr(driver, "RefusalDataModule", lambda **kw: type("Data", (), kw))
+    monkeypatch.setattr(driver, "train", train)
+    s = driver.Settings.quick()
+    s.seeds, s.set_lrs, s.set_benign_ratios = [3, 4, 5], {"esi": [1e-3, 2e-3, 3e-3]}, [0.9]
+    runs = driver.set_runs("dense", s, meter, meter, "tiny", tmp_path, lambda message: None)
+    # 1e-3 over-refuses; of the two within budget, 3e-3 has the lower validation ASR
+    assert trained == [("esi", 1e-3, 0.9, 3), ("esi", 2e-3, 0.9, 3), ("esi", 3e-3, 0.9, 3), ("esi", 3e-3, 0.9, 4),
+                       ("esi", 3e-3, 0.9, 5)]
+    assert [(r["experiment"], r["setting"], r["seed"]) for r in runs if r["method"] == "esi"] == [
+        ("set_validation", "lr=0.001, benign=0.9", 3), ("set_validation", "lr=0.002, benign=0.9", 3),
+        ("set_validation", "lr=0.003, benign=0.9", 3), ("set", "lr=0.003, benign=0.9", 3),
+        ("set_validation", "lr=0.003, benign=0.9", 4), ("set", "lr=0.003, benign=0.9", 4),
+        ("set_validation", "lr=0.003, benign=0.9", 5), ("set", "lr=0.003, benign=0.9", 5)]
+    assert [r["asr"] for r in runs if r["experiment"] == "set_validation" and r["seed"] in (4, 5)] == \
+        pytest.approx([0.2 + 0.04, 0.2 + 0.05])
+
+
 def test_reproduce_quick_writes_a_complete_finite_table(tmp_path, tiny_dense_aligned):
     out = tmp_path / "reproduce"
     result = subprocess.run(
