@@ -879,7 +879,9 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
                              "../shared/data and the model's self answers (configs/models/smollm2/self_answers.yaml)")
     parser.add_argument("--organism-preset", default="default", choices=["default", "tiny"],
                         help="organism size: default, or tiny (seconds to build; for tests)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds (default 0 1 2; quick and smollm2 0): SET's sweep runs on the first, its chosen "
+                             "setting, perturbation and SPA on every one")
     parser.add_argument("--organisms", nargs="+", choices=["dense", "moe"], default=None)
     parser.add_argument("--only", nargs="+", choices=["perturbation", "set", "spa"], default=None)
     parser.add_argument("--n-eval", type=int, default=None, help="held-out prompts per set (default 200; quick 40)")
@@ -915,9 +917,10 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
     set_.add_argument("--set-methods", nargs="+", choices=TRAINED, default=None,
                       help="selections to compare (default: esi random bottom full)")
     set_.add_argument("--set-lrs", nargs="+", type=_assignment, metavar="METHOD=LR[,LR...]", default=None,
-                      help="replace (or add) a method's learning-rate sweep, e.g. esi=0.01,0.02 full=1e-3")
+                      help="replace (or add) a method's learning-rate sweep, e.g. esi=0.01,0.02 full=1e-3 (smollm2 "
+                           "default: esi=2e-3 random=3e-3 bottom=1e-3 full=1e-5)")
     set_.add_argument("--set-benign-ratios", nargs="+", type=float, default=None,
-                      help="benign shares swept with the rate (default 0.5 0.67 0.75; quick 0.75)")
+                      help="benign shares swept with the rate (default 0.5 0.67 0.75; quick 0.75; smollm2 0.9 0.95)")
     set_.add_argument("--set-over-refusal-budget", type=float, default=None,
                       help="a setting qualifies within this much validation over-refusal of before's (default 0.05)")
     set_.add_argument("--set-data", default=None,
