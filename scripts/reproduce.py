@@ -505,9 +505,9 @@ def combine_runs(runs: list[dict], later: list[dict], source: str) -> list[dict]
     replaced = {(r["experiment"], r["organism"], r["method"]) for r in later}
     kept = [r for r in runs if (r["experiment"], r["organism"], r["method"]) not in replaced]
     before = {(r["experiment"], r["organism"]): r for r in runs if r["method"] == "before"}
+    still_measured = {(k["experiment"], k["organism"]) for k in kept if k["method"] != "before"}
     for r in later:
-        if r["method"] == "before" and any(k["experiment"] == r["experiment"] and k["organism"] == r["organism"]
-                                           and k["method"] != "before" for k in kept):
+        if r["method"] == "before" and (r["experiment"], r["organism"]) in still_measured:
             _same_before(before.get((r["experiment"], r["organism"])), r,
                          f"{source}: {r['experiment']} {r['organism']} {r['method']}")
     return kept + later
@@ -1024,8 +1024,8 @@ def main() -> None:
     location: dict[str, Any] = {}
     if args.from_results:
         runs = json.loads((args.out / "results.json").read_text())["runs"]
-        location = json.loads((args.out / "summary.json").read_text()).get("location", {})
-        seconds = json.loads((args.out / "summary.json").read_text())["seconds"]
+        out_summary = json.loads((args.out / "summary.json").read_text())
+        location, seconds = out_summary.get("location", {}), out_summary["seconds"]
         for other in args.combine:
             later = json.loads((other / "results.json").read_text())["runs"]
             other_summary = json.loads((other / "summary.json").read_text())
