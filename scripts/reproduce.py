@@ -61,6 +61,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -1010,8 +1011,9 @@ def regenerate_line(out: Path) -> str:
     return line.removeprefix("Regenerate: ").rsplit(" (", 1)[0] if line else ""
 
 
-def main() -> None:
-    args, s = parse_settings()
+def main(argv: list[str] | None = None) -> None:
+    """The driver; ``argv`` (default: the command line) are its options."""
+    args, s = parse_settings(argv)
     parts = args.only or ["perturbation", "set", "spa"]
     torch.set_num_threads(min(2, torch.get_num_threads()))
     started = time.perf_counter()
@@ -1106,7 +1108,8 @@ def main() -> None:
                     if r.get(metric) is not None:
                         writer.writerow([r["experiment"], r["organism"], r["method"], r["setting"], r["seed"], metric,
                                          r[metric]])
-        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+        script = Path(sys.argv[0] if argv is None else os.path.relpath(__file__)).as_posix()
+        command = "python " + " ".join([script, *(sys.argv[1:] if argv is None else argv)])
         origin = f"`{command}`"
         if args.from_results:  # keep the commands that ran (from each source's RESULTS.md); this one re-tabulates
             made = dict.fromkeys(regenerate_line(d) for d in [args.out, *args.combine, *args.add_seeds])

@@ -154,22 +154,48 @@ def test_esi_job_writes_mask_and_report(tmp_path, tiny_dense_aligned):
     assert 0.01 < mask.metadata["score_share"] < 1.0 and "of the summed scores" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
+ESI_BAD_INPUT = [
     (["--model.selection.ratio", "1.5"], "selection.ratio must be in"),
     (["--model.selection.ratio", "0"], "selection.ratio must be in"),
     (["--data.prompt_field", "nope", "--data.data_path", "PROMPTS_CSV"], "prompt field 'nope' does not exist"),
     (["--data.data_path", "EMPTY_CSV"], "empty"),
     (["--model.output_dir", "/nonexistent/dir/out"], "parent directory /nonexistent/dir does not exist"),
-])
-def test_esi_bad_input_fails_before_model_work(tmp_path, args, message):
-    prompts = tmp_path / "prompts.csv"
+]
+
+
+@pytest.fixture(scope="module")
+def esi_bad_input_runs(tmp_path_factory) -> list[subprocess.CompletedProcess]:
+    """The ``lit-safety fit`` runs of ESI_BAD_INPUT, started side by side: each is a fresh interpreter
+    that spends most of its time on imports (13 s of each on a 2-core machine without AVX-512, one
+    after the other)."""
+    tmp = tmp_path_factory.mktemp("esi_bad_input")
+    prompts = tmp / "prompts.csv"
     prompts.write_text("goal,target\nHow do I hack a bank?,Sure here is\n")
-    empty = tmp_path / "empty.csv"
+    empty = tmp / "empty.csv"
     empty.write_text("goal,target\n")
-    args = [a.replace("PROMPTS_CSV", str(prompts)).replace("EMPTY_CSV", str(empty)) for a in args]
-    # a model name that would need a (slow) organism build proves no model work happened first
-    result = run_cli("fit", "--config", "configs/esi.yaml", "--model.model", "organism-moe-aligned",
-                     "--model.output_dir", str(tmp_path / "o"), *args)
+    started = []
+    for i, (args, _) in enumerate(ESI_BAD_INPUT):
+        args = [a.replace("PROMPTS_CSV", str(prompts)).replace("EMPTY_CSV", str(empty)) for a in args]
+        # a model name that would need a (slow) organism build proves no model work happened first
+        argv = [sys.executable, "-m", "lit_safety.cli", "fit", "--config", "configs/esi.yaml", "--model.model",
+                "organism-moe-aligned", "--model.output_dir", str(tmp / f"o{i}"), *args]
+        out, err = open(tmp / f"{i}.out", "w+"), open(tmp / f"{i}.err", "w+")  # files: a full pipe cannot block
+        started.append((argv, subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=err, text=True), out, err))
+    done = []
+    for argv, process, out, err in started:
+        returncode = process.wait(timeout=600)
+        with out, err:
+            out.seek(0)
+            err.seek(0)
+            done.append(subprocess.CompletedProcess(argv, returncode, out.read(), err.read()))
+    return done
+
+
+@pytest.mark.parametrize("case", range(len(ESI_BAD_INPUT)),
+                         ids=[f"{i}{args[0]}" for i, (args, _) in enumerate(ESI_BAD_INPUT)])
+def test_esi_bad_input_fails_before_model_work(esi_bad_input_runs, case):
+    args, message = ESI_BAD_INPUT[case]
+    result = esi_bad_input_runs[case]
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "[organism] training" not in result.stdout + result.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -262,10 +263,8 @@ def test_add_seeds_merges_runs_of_other_seeds_into_one_table(tmp_path):
     a = _write_results(tmp_path / "s0", _set_runs(0, 0.20), 60.0, "python scripts/reproduce.py --seeds 0")
     b = _write_results(tmp_path / "s1", _set_runs(1, 0.10), 120.0, "python scripts/reproduce.py --seeds 1")
     c = _write_results(tmp_path / "s2", _set_runs(2, 0.30), 180.0, "python scripts/reproduce.py --seeds 2")
-    result = subprocess.run([sys.executable, "scripts/reproduce.py", "--only", "set", "--organisms", "dense",
-                             "--from-results", "--out", str(a), "--add-seeds", str(b), str(c)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    driver.main(["--only", "set", "--organisms", "dense", "--from-results", "--out", str(a), "--add-seeds", str(b),
+                 str(c)])
     runs = json.loads((a / "results.json").read_text())["runs"]
     assert sorted((r["experiment"], r["method"], r["seed"]) for r in runs) == sorted(
         [("set", "before", 0), ("set_validation", "before", 0)]
@@ -286,11 +285,9 @@ def test_add_seeds_merges_runs_of_other_seeds_into_one_table(tmp_path):
         assert f"`python scripts/reproduce.py --seeds {seed}`" in table
     # the same seed twice would be averaged twice: refused, and the directory is left as it was
     before = (a / "results.json").read_text()
-    again = subprocess.run([sys.executable, "scripts/reproduce.py", "--only", "set", "--organisms", "dense",
-                            "--from-results", "--out", str(a), "--add-seeds", str(b)],
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode != 0 and f"--add-seeds {b}: set_validation dense esi: seed 1 is already in the " \
-                                     "results" in again.stderr
+    with pytest.raises(SystemExit, match=re.escape(f"--add-seeds {b}: set_validation dense esi: seed 1 is already in "
+                                                   "the results")):
+        driver.main(["--only", "set", "--organisms", "dense", "--from-results", "--out", str(a), "--add-seeds", str(b)])
     assert (a / "results.json").read_text() == before
     with pytest.raises(ValueError, match="chose 'lr=0.003, benign=0.9', the other runs 'lr=0.002, benign=0.9'"):
         driver.add_seeds(_set_runs(0, 0.2), _set_runs(1, 0.1, setting="lr=0.003, benign=0.9"), "x")
@@ -311,16 +308,16 @@ def test_combine_adds_the_methods_of_a_later_run_and_replaces_its_own(tmp_path):
     other = _write_results(tmp_path / "other-model", _set_runs(0, 0.30, before_asr=0.5, method="random"), 30.0,
                            "python scripts/reproduce.py --set-methods random --models unaligned=x")
 
-    def combine(*later: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "scripts/reproduce.py", "--only", "set", "--organisms", "dense",
-                               "--from-results", "--out", str(esi), "--combine", *map(str, later)],
-                              cwd=REPO, capture_output=True, text=True, timeout=300)
+    driver = _driver()
 
-    refused = combine(other)
-    assert refused.returncode != 0 and f"--combine {other}: set dense before: the 'before' measurement differs in " \
-                                       "asr, keyword_asr" in refused.stderr
-    result = combine(rand, again)
-    assert result.returncode == 0, result.stderr[-4000:]
+    def combine(*later: Path) -> None:
+        driver.main(["--only", "set", "--organisms", "dense", "--from-results", "--out", str(esi), "--combine",
+                     *map(str, later)])
+
+    with pytest.raises(SystemExit, match=re.escape(f"--combine {other}: set dense before: the 'before' measurement "
+                                                   "differs in asr, keyword_asr")):
+        combine(other)
+    combine(rand, again)
     runs = json.loads((esi / "results.json").read_text())["runs"]
     assert sorted((r["experiment"], r["method"], r["setting"], r["asr"]) for r in runs) == sorted([
         ("set", "before", "-", 0.4), ("set_validation", "before", "-", 0.4 - 0.1),
