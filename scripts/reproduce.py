@@ -180,7 +180,7 @@ class Settings:
             perturb_methods=["esi", "random", "bottom", "magnitude"], perturb_scales=[0.5, 1.0, 2.0], esi_prompts=128,
             # learning rates: the earlier validation sweeps' choices (README); the benign share is swept,
             # with the model's own answers to Alpaca and builtin-train borderline prompts as benign pairs
-            set_lrs={"esi": [2e-3], "random": [3e-3], "bottom": [1e-3], "full": [1e-5]},
+            set_lrs={"esi": [2.5e-3], "random": [3e-3], "bottom": [1e-3], "full": [1e-5]},
             set_benign_ratios=[0.9, 0.95], set_esi_prompts=128,
             # The trained judge calls most of the unaligned model's answers harmless (a 135M model's
             # compliance is often too vague to help); SET trains refusals, so settings are chosen by the
@@ -919,7 +919,7 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
                       help="selections to compare (default: esi random bottom full)")
     set_.add_argument("--set-lrs", nargs="+", type=_assignment, metavar="METHOD=LR[,LR...]", default=None,
                       help="replace (or add) a method's learning-rate sweep, e.g. esi=0.01,0.02 full=1e-3 (smollm2 "
-                           "default: esi=2e-3 random=3e-3 bottom=1e-3 full=1e-5)")
+                           "default: esi=2.5e-3 random=3e-3 bottom=1e-3 full=1e-5)")
     set_.add_argument("--set-benign-ratios", nargs="+", type=float, default=None,
                       help="benign shares swept with the rate (default 0.5 0.67 0.75; quick 0.75; smollm2 0.9 0.95)")
     set_.add_argument("--set-over-refusal-budget", type=float, default=None,
