@@ -1108,8 +1108,8 @@ def main(argv: list[str] | None = None) -> None:
                     if r.get(metric) is not None:
                         writer.writerow([r["experiment"], r["organism"], r["method"], r["setting"], r["seed"], metric,
                                          r[metric]])
-        script = Path(sys.argv[0] if argv is None else os.path.relpath(__file__)).as_posix()
-        command = "python " + " ".join([script, *(sys.argv[1:] if argv is None else argv)])
+        script, *options = sys.argv if argv is None else [os.path.relpath(__file__), *argv]
+        command = "python " + " ".join([Path(script).as_posix(), *options])
         origin = f"`{command}`"
         if args.from_results:  # keep the commands that ran (from each source's RESULTS.md); this one re-tabulates
             made = dict.fromkeys(regenerate_line(d) for d in [args.out, *args.combine, *args.add_seeds])
