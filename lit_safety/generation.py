@@ -13,6 +13,7 @@ report which prompts it cut (``truncated``); the evaluation counts them per set 
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -60,6 +61,29 @@ CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length
 """Model config fields that give the context length, the first one set wins."""
 _UNSET_MODEL_MAX_LENGTH = 10**12
 """A tokenizer's ``model_max_length`` at or above this is transformers' "not set" sentinel (1e30)."""
+
+
+def accepts_argument(module: Any, argument: str) -> bool:
+    """Whether ``module.forward`` takes ``argument`` (e.g. ``position_ids``, ``logits_to_keep``)."""
+    try:
+        return argument in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def tail_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
+                **kwargs: Any) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of a left-padded batch, ``[batch, keep, vocab]``.
+
+    Each row gets the positions it would have unpadded (``position_ids``, as ``generate()`` uses
+    under left padding), and a model that takes ``logits_to_keep`` computes its output layer only
+    there: over a large vocabulary the full logits of every position are most of the memory and
+    time of a scoring pass. ``kwargs`` go to the forward."""
+    if accepts_argument(model, "position_ids"):
+        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    if accepts_argument(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep
+    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, -keep:]
 
 
 def context_length(model: Any, tokenizer: Any = None) -> int | None:

@@ -21,9 +21,9 @@ import torch.multiprocessing as mp
 
 from conftest import free_port
 
-from lit_safety.data.chat import collate_right_padded, encode_chat
+from lit_safety.data.chat import collate_left_padded, collate_right_padded, encode_chat
 from lit_safety.data.files import DataError
-from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator
+from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator, answer_logprobs
 from lit_safety.evaluation.suite import SuiteConfig, load_suite, shard_records
 from lit_safety.judges.base import Judge, Verdict
 from lit_safety.models.loading import load_model_and_tokenizer
@@ -201,6 +201,49 @@ def test_evaluator_counts_match_verdicts_and_references(tiny_dense_aligned, data
         scores.append(torch.log_softmax(logits, -1)[keep].gather(-1, labels[keep, None]).sum().item())
     assert by_kind["mc"][0]["response"] == "ABCD"[max(range(4), key=scores.__getitem__)]
 
+
+
+def test_collate_left_padded_ends_every_row_at_the_last_position():
+    batch = collate_left_padded([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                 {"input_ids": [8], "labels": [8]}], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+    assert "labels" not in collate_left_padded([{"input_ids": [1]}, {"input_ids": [2, 3]}], pad_token_id=0)
+
+
+class ForwardWithoutOptions(torch.nn.Module):
+    """A model whose forward takes neither ``position_ids`` nor ``logits_to_keep``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("name", ["organism-dense-aligned:tiny", "organism-moe-aligned:tiny"])
+def test_answer_logprobs_match_each_sequence_scored_alone(name, tiny_dense_aligned, tiny_moe_aligned):
+    """Multiple-choice scoring (left-padded, the output layer at the answer's positions only) gives
+    each answer's log-likelihood computed from the full logits of its sequence alone."""
+    model, tokenizer = load_model_and_tokenizer(name)
+    pairs = [("What is two plus two?", "A"), ("Which colour is the sky on a clear day? Answer briefly.", "B"),
+             ("Hi", "The answer is C, because it is the last option.")]
+    features = [encode_chat(tokenizer, question, answer) for question, answer in pairs]
+    assert len({len(f["input_ids"]) for f in features}) == 3  # padding is exercised
+    expected = []
+    for feature in features:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([feature["input_ids"]])).logits[0, :-1].float()
+        labels = torch.tensor(feature["labels"][1:])
+        keep = labels != -100
+        expected.append(torch.log_softmax(logits, -1)[keep].gather(-1, labels[keep, None]).sum())
+    expected = torch.stack(expected)
+    torch.testing.assert_close(answer_logprobs(model, features, tokenizer.pad_token_id), expected,
+                               atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(answer_logprobs(ForwardWithoutOptions(model), features, tokenizer.pad_token_id),
+                               expected, atol=1e-4, rtol=1e-5)
 
 
 def _evaluate_shard(rank: int, world: int, port: int, options: dict, out: dict) -> None:

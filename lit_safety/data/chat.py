@@ -70,6 +70,27 @@ def supervised_tokens(feature: dict[str, list[int]]) -> int:
     return sum(label != IGNORE_INDEX for label in feature["labels"])
 
 
+def collate_left_padded(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch of token sequences on the left (scoring layout: every row ends at the last
+    position, so the logits of each row's last tokens come from one slice, e.g. ``logits_to_keep``).
+    ``labels`` are padded with -100 when the features have them."""
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+    with_labels = all("labels" in f for f in features)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    for row, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        input_ids[row, width - n:] = torch.tensor(feature["input_ids"], dtype=torch.long)
+        attention_mask[row, width - n:] = 1
+        if with_labels:
+            labels[row, width - n:] = torch.tensor(feature["labels"], dtype=torch.long)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if with_labels:
+        batch["labels"] = labels
+    return batch
+
+
 def collate_right_padded(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pad a batch of ``encode_chat`` outputs on the right (training layout)."""
     width = max(len(f["input_ids"]) for f in features)

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from lit_safety.generation import accepts_argument, tail_logits
 from lit_safety.judges.base import model_label
-from lit_safety.judges.guard_prompt import accepts_argument, guard_prompt_parts, single_token_id
+from lit_safety.judges.guard_prompt import guard_prompt_parts, single_token_id
 from lit_safety.models.loading import load_model, load_tokenizer
 
 SCORES = ("logit", "logprob")
@@ -225,13 +226,7 @@ class JudgeObjective:
             logits = None
         else:
             full_mask = torch.cat([attention_mask, torch.ones_like(answer)], dim=1)
-            kwargs: dict[str, Any] = dict(input_ids=generated, attention_mask=full_mask, **extra)
-            if accepts_argument(model, "position_ids"):  # the positions generate() used under left padding
-                kwargs["position_ids"] = (full_mask.cumsum(-1) - 1).clamp_min(0)
-            if accepts_argument(model, "logits_to_keep"):
-                kwargs["logits_to_keep"] = n_answer + 1
-            out = model(**kwargs)
-            logits = out.logits[:, -(n_answer + 1) : -1].float()  # [B, L, V]
+            logits = tail_logits(model, generated, full_mask, n_answer + 1, **extra)[:, :-1].float()  # [B, L, V]
 
         guard_embeddings = self.guard.get_input_embeddings().weight
         guard_device = guard_embeddings.device

@@ -23,9 +23,16 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from lit_safety.data.chat import collate_right_padded, encode_chat, render_prompt
+from lit_safety.data.chat import (
+    IGNORE_INDEX,
+    collate_left_padded,
+    collate_right_padded,
+    encode_chat,
+    render_prompt,
+    supervised_tokens,
+)
 from lit_safety.evaluation.suite import KINDS, OVER_REFUSAL_KINDS, EvalRecord, EvalSuite, shard_records
-from lit_safety.generation import context_length, fit_prompt, generate_responses, progress_bar
+from lit_safety.generation import context_length, fit_prompt, generate_responses, progress_bar, tail_logits
 from lit_safety.judges.base import Judge
 from lit_safety.judges.keyword import KeywordJudge
 from lit_safety.metrics import (
@@ -145,6 +152,21 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def answer_logprobs(model: Any, features: Sequence[dict[str, list[int]]], pad_token_id: int) -> torch.Tensor:
+    """The summed log-probability of each ``encode_chat`` feature's answer (its labelled tokens,
+    which end the sequence), one batched forward: left-padded, so the output layer and the
+    log-softmax run only at the answer's positions (:func:`~lit_safety.generation.tail_logits`)."""
+    batch = collate_left_padded(features, pad_token_id)
+    n_answer = max(supervised_tokens(f) for f in features)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = tail_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                             n_answer + 1)[:, :-1].float()
+    labels = batch["labels"][:, -n_answer:].to(device)
+    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (token_lp * (labels != IGNORE_INDEX)).sum(dim=1)
 
 
 class SafetyEvaluator(torch.nn.Module):
@@ -375,7 +397,6 @@ class SafetyEvaluator(torch.nn.Module):
 
     def _update_mc(self, model: Any, tokenizer: Any, records: Sequence[EvalRecord]) -> None:
         """Log-likelihood of answering with each option's letter (the chat template applied)."""
-        device = next(model.parameters()).device
         questions = self._mc_questions(model, tokenizer, records)
         for start in range(0, len(records), self.mc_batch_size):
             chunk = records[start:start + self.mc_batch_size]
@@ -386,13 +407,7 @@ class SafetyEvaluator(torch.nn.Module):
                 for letter in letters:
                     features.append(encode_chat(tokenizer, question, letter, system=self.generation.system_prompt))
                     owners.append(i)
-            batch = collate_right_padded(features, tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
-            labels = batch["labels"].to(device)[:, 1:]
-            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-            token_lp = logprobs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
-            per_option = token_lp.sum(dim=1).cpu()
+            per_option = answer_logprobs(model, features, tokenizer.pad_token_id).cpu()
             n_choices = max(len(r.choices) for r in chunk)
             table = torch.full((len(chunk), n_choices), -math.inf, dtype=per_option.dtype)
             seen = [0] * len(chunk)

@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lit_safety.data.chat import collate_left_padded
+from lit_safety.generation import tail_logits
 from lit_safety.judges.base import ModelJudge, Verdict, check_pairs
-from lit_safety.judges.guard_prompt import accepts_argument, single_token_id
+from lit_safety.judges.guard_prompt import single_token_id
 from lit_safety.models.loading import load_model, load_tokenizer, resolve_dtype
 
 MODES = ("chat", "harmbench")
@@ -226,27 +228,14 @@ class GuardJudge(ModelJudge):
         pad = tokenizer.pad_token_id
         pad = tokenizer.eos_token_id if pad is None else pad
         pad = 0 if pad is None else pad
-        pass_positions = accepts_argument(model, "position_ids")
-        keep_one = accepts_argument(model, "logits_to_keep")
         verdicts = torch.tensor([self._safe_id, self._unsafe_id], device=device)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths together
         probs: list[float] = [0.0] * len(encoded)
         with torch.inference_mode():
             for start in range(0, len(order), int(self.batch_size)):
                 rows = order[start : start + int(self.batch_size)]
-                width = max(len(encoded[i]) for i in rows)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, i in enumerate(rows):  # left padding: every row's last position is its own
-                    ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
-                    mask[r, width - len(encoded[i]) :] = 1
-                ids, mask = ids.to(device), mask.to(device)
-                kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask)
-                if pass_positions:  # the positions each row would have unpadded
-                    kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
-                if keep_one:
-                    kwargs["logits_to_keep"] = 1
-                logits = model(**kwargs).logits[:, -1]
+                batch = collate_left_padded([{"input_ids": encoded[i]} for i in rows], pad)
+                logits = tail_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), 1)[:, -1]
                 pair = logits.index_select(-1, verdicts).float()
                 for i, p in zip(rows, torch.softmax(pair, dim=-1)[:, 1].tolist()):
                     probs[i] = p

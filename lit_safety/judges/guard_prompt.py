@@ -1,10 +1,9 @@
-"""The guard prompt around an answer, the guard's verdict tokens, and what a model's forward takes:
-shared by the guard judge (:mod:`lit_safety.judges.guard`), the judge objective
-(:mod:`lit_safety.esi.judge_objective`) and the organism guard's training."""
+"""The guard prompt around an answer and the guard's verdict tokens: shared by the guard judge
+(:mod:`lit_safety.judges.guard`), the judge objective (:mod:`lit_safety.esi.judge_objective`) and
+the organism guard's training."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 SENTINEL = "LITSAFETYRESPONSESENTINEL"
@@ -63,11 +62,3 @@ def single_token_id(tokenizer: Any, token: str, *, what: str, model_name: str,
         f"{'; '.join(tried)}; pass the guard's verdict word as it is tokenized (e.g. with or without a leading "
         "space)"
     )
-
-
-def accepts_argument(module: Any, argument: str) -> bool:
-    """Whether ``module.forward`` takes ``argument`` (e.g. ``position_ids``, ``logits_to_keep``)."""
-    try:
-        return argument in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False

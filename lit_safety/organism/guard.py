@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from lit_safety import __version__
-from lit_safety.data.chat import IGNORE_INDEX
+from lit_safety.data.chat import IGNORE_INDEX, collate_left_padded
+from lit_safety.generation import tail_logits
 from lit_safety.io import atomic_dir, write_json
 from lit_safety.judges.guard_prompt import guard_prompt_parts
 from lit_safety.organism.corpus import benign_examples, harmful_examples
@@ -142,14 +143,8 @@ def guard_accuracy(model: Any, guard_tokenizer: Any, answer_tokenizer: Any,
         chunk = examples[start : start + batch_size]
         encoded = [encode_guard_example(guard_tokenizer, answer_tokenizer, c, None,
                                         max_answer_tokens=max_answer_tokens)["input_ids"] for c, _ in chunk]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(encoded):  # left padding: the verdict is predicted at the last position
-            ids[row, width - len(e) :] = torch.tensor(e)
-            mask[row, width - len(e) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]
+        batch = collate_left_padded([{"input_ids": e} for e in encoded], pad)  # the verdict: at the last position
+        logits = tail_logits(model, batch["input_ids"], batch["attention_mask"], 1)[:, -1]
         says_unsafe = logits[:, unsafe_id] > logits[:, safe_id]
         for (_, label), unsafe in zip(chunk, says_unsafe.tolist()):
             correct[label].append(unsafe == (label == "unsafe"))
