@@ -74,6 +74,7 @@ import lightning as L
 import torch
 
 from lit_safety.benchmarking import peak_bytes, reset_peak, rss_bytes
+from lit_safety.data.chat import encode_chat, supervised_tokens
 from lit_safety.data.datamodules import InstructionDataModule, RefusalDataModule
 from lit_safety.data.esi import HarmfulPromptsDataModule
 from lit_safety.esi import METHODS as SELECTIONS
@@ -82,8 +83,9 @@ from lit_safety.esi.report import plot_heatmap, summarize_mask
 from lit_safety.esi.scoring import parameter_std
 from lit_safety.esi.selection import SelectionConfig
 from lit_safety.esi.topk import SCOPES
-from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator
+from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator, answer_logprobs
 from lit_safety.evaluation.suite import ORGANISM, ORGANISM_VALIDATION, load_suite
+from lit_safety.generation import generate_responses
 from lit_safety.io import atomic_dir, write_json
 from lit_safety.judges.builtin import default_judge
 from lit_safety.models.loading import load_model_and_tokenizer
@@ -325,13 +327,33 @@ def restore(model: torch.nn.Module, mask: Any, saved: dict[str, torch.Tensor]) -
         named[name].view(-1)[idx] = saved[name]
 
 
+def answers_nll(model: Any, tokenizer: Any, features: list[dict], batch_size: int = 16) -> float:
+    """Mean negative log-likelihood per answer token (nats) of ``encode_chat`` features under ``model``."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(features), batch_size):
+        chunk = features[start:start + batch_size]
+        total -= float(answer_logprobs(model, chunk, tokenizer.pad_token_id).sum())
+        tokens += sum(supervised_tokens(f) for f in chunk)
+    return total / tokens
+
+
 def perturbation_and_location(kind: str, s: Settings, meter: Meter, preset: str, log) -> tuple[list[dict], dict]:
+    """Claims 1 and 2. Beside each perturbed model's ASR, ``benign_nll``: its mean NLL per token of
+    the unperturbed model's own greedy answers to the test suite's benign prompts. A model whose
+    refusals are gone but whose benign answers stay likely is jailbroken; one whose NLL soars is broken."""
     name = model_name(s, kind, "aligned", preset)
     model, tokenizer = load_model_and_tokenizer(name)
     runs = []
     base = meter(model, tokenizer, kinds=("harmful",), name=name)
+    benign = [r.prompt for r in meter.suite.records.get("benign", [])]
+    answers = generate_responses(model, tokenizer, benign, max_new_tokens=meter.max_new_tokens, batch_size=64)
+    references = [encode_chat(tokenizer, prompt, answer) for prompt, answer in zip(benign, answers)]
+
+    def nll() -> float | None:
+        return answers_nll(model, tokenizer, references) if references else None
+
     runs.append({"experiment": "perturbation", "organism": kind, "method": "none", "setting": "r=0", "seed": 0,
-                 "asr": base["asr"], "keyword_asr": base["keyword_asr"]})
+                 "asr": base["asr"], "keyword_asr": base["keyword_asr"], "benign_nll": nll()})
     location = {}
     for seed in s.seeds:
         prompts, refusals = esi_prompts(s, name, seed)
@@ -343,11 +365,14 @@ def perturbation_and_location(kind: str, s: Settings, meter: Meter, preset: str,
             for scale in s.perturb_scales:
                 saved = perturbed(model, mask, scale, seed)
                 m = meter(model, tokenizer, kinds=("harmful",), name=name)
+                benign_nll = nll()
                 restore(model, mask, saved)
                 runs.append({"experiment": "perturbation", "organism": kind, "method": method,
-                             "setting": f"r={scale:g}", "seed": seed, "asr": m["asr"], "keyword_asr": m["keyword_asr"]})
+                             "setting": f"r={scale:g}", "seed": seed, "asr": m["asr"], "keyword_asr": m["keyword_asr"],
+                             "benign_nll": benign_nll})
                 keyword = "" if m["keyword_asr"] is None else f", keyword ASR {m['keyword_asr']:.1%}"
-                log(f"perturb {kind} {method} r={scale:g} seed={seed}: ASR {m['asr']:.1%}{keyword}")
+                fluency = "" if benign_nll is None else f", benign NLL {benign_nll:.2f}"
+                log(f"perturb {kind} {method} r={scale:g} seed={seed}: ASR {m['asr']:.1%}{keyword}{fluency}")
     return runs, location
 
 
@@ -479,7 +504,7 @@ def spa_runs(kind: str, s: Settings, meter: Meter, preset: str, workdir: Path, l
 
 # -- summary ---------------------------------------------------------------------------------------------
 METRICS = ("asr", "keyword_asr", "jailbreak_asr", "refusal_rate", "over_refusal", "borderline_over_refusal",
-           "task_accuracy", "seconds", "peak_extra_mib")
+           "task_accuracy", "benign_nll", "seconds", "peak_extra_mib")
 
 
 def location_summary(summary: dict) -> dict:
@@ -626,6 +651,23 @@ def markdown(summary: dict, s: Settings) -> str:
                     cells.append(cell(r) if r else "-")
                 lines.append(f"| {organism} | {method} | " + " | ".join(cells) + " |")
         lines += [""]
+        if any(r.get("benign_nll") is not None for r in pert):
+            lines += ["**1b. Broken or jailbroken: the perturbed model's NLL per token (nats) of the unperturbed "
+                      "model's own greedy answers to the benign test prompts (before: the unperturbed model's)**", "",
+                      "| organism | selection | " + " | ".join(f"r={x:g}" for x in s.perturb_scales) + " |",
+                      "|---|---|" + "---|" * len(s.perturb_scales)]
+            for organism in s.organisms:
+                for method in ["none", *s.perturb_methods]:
+                    cells = []
+                    for scale in s.perturb_scales:
+                        setting = "r=0" if method == "none" else f"r={scale:g}"
+                        r = next((x for x in pert if x["organism"] == organism and x["method"] == method
+                                  and x["setting"] == setting), None)
+                        cells.append("-" if r is None or r.get("benign_nll") is None else
+                                     f"{r['benign_nll']:.2f}" + (f" ± {r['benign_nll_std']:.2f}" if r["seeds"] > 1 else ""))
+                    label = "none (before)" if method == "none" else method
+                    lines.append(f"| {organism} | {label} | " + " | ".join(cells) + " |")
+            lines += [""]
     loc = summary.get("location", {})
     if loc:
         lines += ["**2. Where the ESI top-1% lives (share of k; score_share: the top-k's share of the summed "
@@ -768,17 +810,28 @@ def plots(summary: dict, s: Settings, out: Path) -> None:
             plot_heatmap(info, out / f"heatmap-{organism}.png", title=f"{organism} aligned: ESI top {s.ratio:.0%}")
     pert = [r for r in agg if r["experiment"] == "perturbation" and r["method"] != "none"]
     if pert:
-        fig, axes = plt.subplots(1, len(s.organisms), figsize=(5 * len(s.organisms), 3.5), squeeze=False)
-        for ax, organism in zip(axes[0], s.organisms):
-            for method in s.perturb_methods:
-                rs = [next((r for r in pert if r["organism"] == organism and r["method"] == method
-                            and r["setting"] == f"r={x:g}"), None) for x in s.perturb_scales]
-                ax.errorbar(s.perturb_scales, [100 * r["asr"] if r else math.nan for r in rs],
-                            yerr=[100 * r.get("asr_std", 0) if r else 0 for r in rs], marker="o", label=method)
-            ax.set_title(f"{organism} aligned: noise on the selected {s.ratio:.0%}")
-            ax.set_xlabel("noise scale r (x sigma(W))")
-            ax.set_ylabel("ASR (%)")
-            ax.set_ylim(0, 100)
+        # second row, when measured: the benign answers' NLL (broken, or jailbroken?)
+        panels = [("asr", "ASR (%)", 100)] + ([("benign_nll", "benign answers' NLL (nats/token)", 1)]
+                                              if any(r.get("benign_nll") is not None for r in pert) else [])
+        fig, axes = plt.subplots(len(panels), len(s.organisms), figsize=(5 * len(s.organisms), 3.5 * len(panels)),
+                                 squeeze=False)
+        for row, (metric, ylabel, factor) in zip(axes, panels):
+            for ax, organism in zip(row, s.organisms):
+                for method in s.perturb_methods:
+                    rs = [next((r for r in pert if r["organism"] == organism and r["method"] == method
+                                and r["setting"] == f"r={x:g}"), None) for x in s.perturb_scales]
+                    ax.errorbar(s.perturb_scales, [factor * r[metric] if r and r.get(metric) is not None else math.nan
+                                                   for r in rs],
+                                yerr=[factor * r.get(f"{metric}_std", 0) if r else 0 for r in rs], marker="o", label=method)
+                before = next((r for r in agg if r["experiment"] == "perturbation" and r["organism"] == organism
+                               and r["method"] == "none" and r.get(metric) is not None), None)
+                if before:
+                    ax.axhline(factor * before[metric], color="gray", linestyle=":", label="before")
+                ax.set_title(f"{organism} aligned: noise on the selected {s.ratio:.0%}")
+                ax.set_xlabel("noise scale r (x sigma(W))")
+                ax.set_ylabel(ylabel)
+                if metric == "asr":
+                    ax.set_ylim(0, 100)
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "perturbation.png", dpi=120)

@@ -176,7 +176,9 @@ def test_reproduce_quick_writes_a_complete_finite_table(tmp_path, tiny_dense_ali
     assert summary["location"]["dense"]["by_component"]
     assert len(summary["claims"]) == 3
     table = (out / "RESULTS.md").read_text()
-    for heading in ("1. Perturbation", "2. Where the ESI top-1% lives", "3. SET", "3a. SET sweep on the validation",
+    perturbation = [r for r in runs if r["experiment"] == "perturbation"]
+    assert all(math.isfinite(r["benign_nll"]) and r["benign_nll"] > 0 for r in perturbation)
+    for heading in ("1. Perturbation", "1b. Broken or jailbroken", "2. Where the ESI top-1% lives", "3. SET", "3a. SET sweep on the validation",
                     "4. SPA", "Claims"):
         assert heading in table
     assert "nan" not in table.lower()
