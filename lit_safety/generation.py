@@ -71,19 +71,30 @@ def accepts_argument(module: Any, argument: str) -> bool:
         return False
 
 
-def tail_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
-                **kwargs: Any) -> torch.Tensor:
-    """Logits of the last ``keep`` positions of a left-padded batch, ``[batch, keep, vocab]``.
+def left_padded_forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
+                        **kwargs: Any) -> Any:
+    """``model``'s output on a left-padded batch, its logits computed at (at least) the last ``keep``
+    positions.
 
     Each row gets the positions it would have unpadded (``position_ids``, as ``generate()`` uses
     under left padding), and a model that takes ``logits_to_keep`` computes its output layer only
-    there: over a large vocabulary the full logits of every position are most of the memory and
-    time of a scoring pass. ``kwargs`` go to the forward."""
+    at the last ``keep``: over a large vocabulary the full logits of every position are most of the
+    memory and time of a scoring pass. ``kwargs`` go to the forward (``use_cache=True`` to keep the
+    batch's key/value cache, :func:`lit_safety.evaluation.evaluator.answer_logprobs`)."""
     if accepts_argument(model, "position_ids"):
         kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     if accepts_argument(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = keep
-    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, -keep:]
+    if getattr(getattr(model, "config", None), "output_router_logits", False):
+        kwargs["output_router_logits"] = False  # router logits of padding tokens: not wanted here
+    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def tail_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
+                **kwargs: Any) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of a left-padded batch, ``[batch, keep, vocab]``
+    (:func:`left_padded_forward`)."""
+    return left_padded_forward(model, input_ids, attention_mask, keep, **kwargs).logits[:, -keep:]
 
 
 def context_length(model: Any, tokenizer: Any = None) -> int | None:

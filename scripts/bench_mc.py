@@ -3,8 +3,9 @@ the full-logits computation it replaced, in the same process on the same questio
 
 The baseline is the evaluator's former method: right padding, the output layer and a log-softmax
 over the whole vocabulary at every position of every option's sequence, and the answer's tokens
-picked out afterwards. The measured method is :func:`lit_safety.evaluation.evaluator.answer_logprobs`
-(left padding, the output layer at the answer's positions only). Both score the same option
+picked out afterwards. The measured method is :func:`lit_safety.evaluation.evaluator.answer_logprobs`:
+each question's prompt runs once (left-padded, the output layer at its last position only), and
+its key/value cache is repeated for the options' answer tokens. Both score the same option
 sequences, built as the evaluator builds them (the chat template, the lettered options, the ask);
 the script checks that they agree (largest absolute difference, and the picked letters) before it
 reports the ratio. Peak memory is the process's RSS high-water mark over the baseline after loading.

@@ -25,6 +25,7 @@ from lit_safety.data.chat import collate_left_padded, collate_right_padded, enco
 from lit_safety.data.files import DataError
 from lit_safety.evaluation.evaluator import GenerationConfig, SafetyEvaluator, answer_logprobs
 from lit_safety.evaluation.suite import SuiteConfig, load_suite, shard_records
+from lit_safety.generation import accepts_argument
 from lit_safety.judges.base import Judge, Verdict
 from lit_safety.models.loading import load_model_and_tokenizer
 
@@ -213,7 +214,7 @@ def test_collate_left_padded_ends_every_row_at_the_last_position():
 
 
 class ForwardWithoutOptions(torch.nn.Module):
-    """A model whose forward takes neither ``position_ids`` nor ``logits_to_keep``."""
+    """A model whose forward takes no ``position_ids``, ``logits_to_keep`` or key/value cache."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -225,13 +226,16 @@ class ForwardWithoutOptions(torch.nn.Module):
 
 @pytest.mark.parametrize("name", ["organism-dense-aligned:tiny", "organism-moe-aligned:tiny"])
 def test_answer_logprobs_match_each_sequence_scored_alone(name, tiny_dense_aligned, tiny_moe_aligned):
-    """Multiple-choice scoring (left-padded, the output layer at the answer's positions only) gives
-    each answer's log-likelihood computed from the full logits of its sequence alone."""
+    """Multiple-choice scoring (a prompt shared by several answers runs once, its cache repeated; a
+    model without a cache: whole sequences, left-padded; the output layer at the answer's positions
+    only) gives each answer's log-likelihood computed from the full logits of its sequence alone."""
     model, tokenizer = load_model_and_tokenizer(name)
     pairs = [("What is two plus two?", "A"), ("Which colour is the sky on a clear day? Answer briefly.", "B"),
-             ("Hi", "The answer is C, because it is the last option.")]
+             ("What is two plus two?", "B"), ("Hi", "The answer is C, because it is the last option."),
+             ("What is two plus two?", "Four, which is option D.")]
     features = [encode_chat(tokenizer, question, answer) for question, answer in pairs]
-    assert len({len(f["input_ids"]) for f in features}) == 3  # padding is exercised
+    assert len({len(f["input_ids"]) for f in features}) == 4  # padding of prompts and of answers is exercised
+    assert accepts_argument(model, "cache") or accepts_argument(model, "past_key_values")  # the shared-prompt path
     expected = []
     for feature in features:
         with torch.no_grad():

@@ -32,7 +32,15 @@ from lit_safety.data.chat import (
     supervised_tokens,
 )
 from lit_safety.evaluation.suite import KINDS, OVER_REFUSAL_KINDS, EvalRecord, EvalSuite, shard_records
-from lit_safety.generation import context_length, fit_prompt, generate_responses, progress_bar, tail_logits
+from lit_safety.generation import (
+    accepts_argument,
+    context_length,
+    fit_prompt,
+    generate_responses,
+    left_padded_forward,
+    progress_bar,
+    tail_logits,
+)
 from lit_safety.judges.base import Judge
 from lit_safety.judges.keyword import KeywordJudge
 from lit_safety.metrics import (
@@ -156,17 +164,58 @@ class GenerationConfig:
 
 def answer_logprobs(model: Any, features: Sequence[dict[str, list[int]]], pad_token_id: int) -> torch.Tensor:
     """The summed log-probability of each ``encode_chat`` feature's answer (its labelled tokens,
-    which end the sequence), one batched forward: left-padded, so the output layer and the
-    log-softmax run only at the answer's positions (:func:`~lit_safety.generation.tail_logits`)."""
-    batch = collate_left_padded(features, pad_token_id)
-    n_answer = max(supervised_tokens(f) for f in features)
+    which end the sequence), in batched forwards without the full logits of every position.
+
+    Features with the same prompt (a multiple-choice question's options) share one pass over it:
+    the distinct prompts run once, left-padded, with the output layer at their last position only;
+    their key/value cache is then repeated for each feature and its answer's tokens run on it. A
+    model whose forward takes no cache scores each whole sequence instead
+    (:func:`~lit_safety.generation.tail_logits`)."""
     device = next(model.parameters()).device
+    # the key/value cache argument: ``cache`` (transformers >= 5.x), formerly ``past_key_values``
+    cache_argument = next((a for a in ("cache", "past_key_values") if accepts_argument(model, a)), None)
+    if cache_argument is None:
+        batch = collate_left_padded(features, pad_token_id)
+        n_answer = max(supervised_tokens(f) for f in features)
+        with torch.no_grad():
+            logits = tail_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                 n_answer + 1)[:, :-1].float()
+        labels = batch["labels"][:, -n_answer:].to(device)
+        token_lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return (token_lp * (labels != IGNORE_INDEX)).sum(dim=1)
+    cuts = [len(f["input_ids"]) - supervised_tokens(f) for f in features]
+    if min(cuts) < 1 or min(len(f["input_ids"]) - cut for f, cut in zip(features, cuts)) < 1:
+        raise ValueError("every feature needs a prompt and a non-empty answer (labelled tokens at its end)")
+    prompts: dict[tuple[int, ...], int] = {}
+    owners = [prompts.setdefault(tuple(f["input_ids"][:cut]), len(prompts)) for f, cut in zip(features, cuts)]
+    answers = [f["input_ids"][cut:] for f, cut in zip(features, cuts)]
+    batch = collate_left_padded([{"input_ids": list(p)} for p in prompts], pad_token_id)
+    mask = batch["attention_mask"].to(device)
+    rows = torch.tensor(owners, device=device)
     with torch.no_grad():
-        logits = tail_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                             n_answer + 1)[:, :-1].float()
-    labels = batch["labels"][:, -n_answer:].to(device)
+        out = left_padded_forward(model, batch["input_ids"].to(device), mask, 1, use_cache=True)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[rows]  # [features, vocab]
+        total = first.gather(1, torch.tensor([a[0] for a in answers], device=device)[:, None]).squeeze(1)
+        rest = max(len(a) for a in answers) - 1  # answer tokens predicted from the answer's own prefix
+        if rest == 0:
+            return total
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_select_indices(rows)
+        ids = torch.full((len(features), rest), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), rest), IGNORE_INDEX, dtype=torch.long)
+        for i, answer in enumerate(answers):
+            ids[i, :len(answer) - 1] = torch.tensor(answer[:-1], dtype=torch.long)
+            labels[i, :len(answer) - 1] = torch.tensor(answer[1:], dtype=torch.long)
+        ids, labels = ids.to(device), labels.to(device)
+        kwargs: dict[str, Any] = {}
+        if accepts_argument(model, "position_ids"):  # each row continues from its unpadded prompt length
+            kwargs["position_ids"] = mask.sum(-1)[rows, None] + torch.arange(rest, device=device)
+        if getattr(getattr(model, "config", None), "output_router_logits", False):
+            kwargs["output_router_logits"] = False
+        logits = model(input_ids=ids, attention_mask=torch.cat([mask[rows], (labels != IGNORE_INDEX).long()], dim=1),
+                       use_cache=True, **{cache_argument: cache}, **kwargs).logits.float()
     token_lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (token_lp * (labels != IGNORE_INDEX)).sum(dim=1)
+    return total + (token_lp * (labels != IGNORE_INDEX)).sum(dim=1)
 
 
 class SafetyEvaluator(torch.nn.Module):
