@@ -2,7 +2,9 @@
 """Reproduce the paper's four claims on the embedded organisms: one driver, one results table.
 
 1. Perturbation: Gaussian noise N(0, (r * sigma(W))^2) on the selected 1% of the ALIGNED organism's
-   weights (ESI top-k, random, bottom-k ESI, magnitude, SNIP); the attack success rate it causes.
+   weights (ESI top-k, random, bottom-k ESI, magnitude, SNIP); the attack success rate it causes,
+   and whether the model is jailbroken or broken: the perturbed model's NLL of the unperturbed
+   model's own greedy answers to the benign test prompts.
 2. Where safety lives: the ESI top-1% of the dense vs the MoE aligned organism, by component,
    layer and expert.
 3. SET on the UNALIGNED organisms: ESI-1% vs random-1% vs bottom-1% vs full fine-tuning, 100

@@ -199,7 +199,7 @@ def answer_logprobs(model: Any, features: Sequence[dict[str, list[int]]], pad_to
         rest = max(len(a) for a in answers) - 1  # answer tokens predicted from the answer's own prefix
         if rest == 0:
             return total
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache = out.get("cache") if out.get("cache") is not None else out.past_key_values
         cache.batch_select_indices(rows)
         ids = torch.full((len(features), rest), pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), rest), IGNORE_INDEX, dtype=torch.long)
