@@ -92,6 +92,30 @@ def data_files(tmp_path):
 
 
 # -- suite -------------------------------------------------------------------------------------------
+def test_mmlu_directory_gives_its_test_split(tmp_path):
+    """A directory in MMLU's layout is its test split (dev holds few-shot exemplars); any other
+    directory is every CSV in it."""
+    def write(path, questions):
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["question", "choice0", "choice1", "answer"])
+            writer.writerows([q, "yes", "no", "A"] for q in questions)
+
+    mmlu = tmp_path / "mmlu"
+    mmlu.mkdir()
+    write(mmlu / "anatomy_dev.csv", ["dev 1"])
+    write(mmlu / "anatomy_test.csv", ["anatomy 1", "anatomy 2"])
+    write(mmlu / "virology_test.csv", ["virology 1"])
+    prompts = lambda source: [r.prompt for r in load_suite(mc_data=str(source), harmful_data=None,  # noqa: E731
+                                                           benign_data=None, task_data=None).records["mc"]]
+    assert prompts(mmlu) == ["anatomy 1", "anatomy 2", "virology 1"]
+    other = tmp_path / "other"
+    other.mkdir()
+    write(other / "a.csv", ["a 1"])
+    write(other / "b_dev.csv", ["b 1"])
+    assert prompts(other) == ["a 1", "b 1"]
+
+
 def test_suite_loads_every_kind(data_files):
     suite = SuiteConfig(**data_files).load()
     assert suite.counts() == {"harmful": 6, "jailbreak": 12, "benign": 5, "task": 4, "mc": 3}

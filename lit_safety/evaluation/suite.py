@@ -166,6 +166,9 @@ def _mc_files(source: str) -> list[Path]:
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(path.glob("*.csv"))
+        # MMLU's layout (<subject>_dev.csv, _val.csv, _test.csv): the test split; dev holds few-shot
+        # exemplars and val is for model selection
+        files = [f for f in files if f.stem.endswith("_test")] or files
     elif any(ch in source for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(path)))
     else:
@@ -177,7 +180,8 @@ def _mc_files(source: str) -> list[Path]:
 
 def load_mc_set(source: str, *, limit: int | None) -> list[EvalRecord]:
     """MMLU-format CSVs (question, choice0..choiceN, answer as an index or a letter): one file, a
-    directory of files (one subject each) or a glob; ``limit`` applies per file."""
+    directory of files (one subject each; where some are named ``*_test.csv``, as in MMLU's
+    layout, only those) or a glob; ``limit`` applies per file."""
     records: list[EvalRecord] = []
     for path in _mc_files(source):
         rows = _limit(read_records(path), limit)
