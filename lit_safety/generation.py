@@ -80,9 +80,12 @@ def left_padded_forward(model: Any, input_ids: torch.Tensor, attention_mask: tor
     under left padding), and a model that takes ``logits_to_keep`` computes its output layer only
     at the last ``keep``: over a large vocabulary the full logits of every position are most of the
     memory and time of a scoring pass. ``kwargs`` go to the forward (``use_cache=True`` to keep the
-    batch's key/value cache, :func:`lit_safety.evaluation.evaluator.answer_logprobs`)."""
+    batch's key/value cache). With a cache of earlier tokens in ``kwargs``, ``input_ids`` are the
+    new tokens only and ``attention_mask`` covers the cached and the new ones, as in ``generate()``
+    (:func:`lit_safety.evaluation.evaluator.answer_logprobs`)."""
     if accepts_argument(model, "position_ids"):
-        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        kwargs["position_ids"] = positions[:, -input_ids.shape[1]:]
     if accepts_argument(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = keep
     if getattr(getattr(model, "config", None), "output_router_logits", False):

@@ -72,13 +72,13 @@ def main() -> None:
     model.eval()
     evaluator = SafetyEvaluator(progress=False)
     questions = evaluator._mc_questions(model, tokenizer, records)
-    batches, owners = [], []
+    batches, options = [], []  # options: (question, option index) per sequence, in order
     for start in range(0, len(records), args.mc_batch_size):
         features = []
         for i in range(start, min(start + args.mc_batch_size, len(records))):
-            for letter in LETTERS[: len(records[i].choices)]:
+            for k, letter in enumerate(LETTERS[: len(records[i].choices)]):
                 features.append(encode_chat(tokenizer, questions[i], letter))
-                owners.append(i)
+                options.append((i, k))
         batches.append(features)
     tokens = [len(f["input_ids"]) for features in batches for f in features]
     pad = tokenizer.pad_token_id
@@ -88,10 +88,9 @@ def main() -> None:
 
     def picks(values: torch.Tensor) -> list[int]:
         best: dict[int, tuple[float, int]] = {}
-        for row, (owner, value) in enumerate(zip(owners, values.tolist())):
-            k = row - owners.index(owner)
-            if owner not in best or value > best[owner][0]:
-                best[owner] = (value, k)
+        for (question, k), value in zip(options, values.tolist()):
+            if question not in best or value > best[question][0]:
+                best[question] = (value, k)
         return [best[i][1] for i in sorted(best)]
 
     same_picks = sum(a == b for a, b in zip(picks(baseline["values"]), picks(measured["values"])))

@@ -179,10 +179,8 @@ def answer_logprobs(model: Any, features: Sequence[dict[str, list[int]]], pad_to
         n_answer = max(supervised_tokens(f) for f in features)
         with torch.no_grad():
             logits = tail_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                 n_answer + 1)[:, :-1].float()
-        labels = batch["labels"][:, -n_answer:].to(device)
-        token_lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        return (token_lp * (labels != IGNORE_INDEX)).sum(dim=1)
+                                 n_answer + 1)[:, :-1]
+        return _labelled_logprobs(logits, batch["labels"][:, -n_answer:].to(device))
     cuts = [len(f["input_ids"]) - supervised_tokens(f) for f in features]
     if min(cuts) < 1 or min(len(f["input_ids"]) - cut for f, cut in zip(features, cuts)) < 1:
         raise ValueError("every feature needs a prompt and a non-empty answer (labelled tokens at its end)")
@@ -194,8 +192,8 @@ def answer_logprobs(model: Any, features: Sequence[dict[str, list[int]]], pad_to
     rows = torch.tensor(owners, device=device)
     with torch.no_grad():
         out = left_padded_forward(model, batch["input_ids"].to(device), mask, 1, use_cache=True)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[rows]  # [features, vocab]
-        total = first.gather(1, torch.tensor([a[0] for a in answers], device=device)[:, None]).squeeze(1)
+        # each answer's first token, predicted at its prompt's last position
+        total = _labelled_logprobs(out.logits[:, -1:][rows], torch.tensor([a[:1] for a in answers], device=device))
         rest = max(len(a) for a in answers) - 1  # answer tokens predicted from the answer's own prefix
         if rest == 0:
             return total
@@ -207,15 +205,15 @@ def answer_logprobs(model: Any, features: Sequence[dict[str, list[int]]], pad_to
             ids[i, :len(answer) - 1] = torch.tensor(answer[:-1], dtype=torch.long)
             labels[i, :len(answer) - 1] = torch.tensor(answer[1:], dtype=torch.long)
         ids, labels = ids.to(device), labels.to(device)
-        kwargs: dict[str, Any] = {}
-        if accepts_argument(model, "position_ids"):  # each row continues from its unpadded prompt length
-            kwargs["position_ids"] = mask.sum(-1)[rows, None] + torch.arange(rest, device=device)
-        if getattr(getattr(model, "config", None), "output_router_logits", False):
-            kwargs["output_router_logits"] = False
-        logits = model(input_ids=ids, attention_mask=torch.cat([mask[rows], (labels != IGNORE_INDEX).long()], dim=1),
-                       use_cache=True, **{cache_argument: cache}, **kwargs).logits.float()
-    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return total + (token_lp * (labels != IGNORE_INDEX)).sum(dim=1)
+        full_mask = torch.cat([mask[rows], (labels != IGNORE_INDEX).long()], dim=1)
+        logits = left_padded_forward(model, ids, full_mask, rest, use_cache=True, **{cache_argument: cache}).logits
+    return total + _labelled_logprobs(logits[:, -rest:], labels)
+
+
+def _labelled_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the summed log-probability of the ``labels`` (-100: not counted) under ``logits``."""
+    token_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (token_lp * (labels != IGNORE_INDEX)).sum(dim=1)
 
 
 class SafetyEvaluator(torch.nn.Module):
