@@ -88,6 +88,10 @@ class AlignRecipe:
     """Leave out the base's benign answers that are refusals by the refusal keywords
     (:class:`~lit_safety.data.RefusalDataModule`). ``False``: the published variant was built keeping
     them (6 of SmolLM2's 600 answers), before that filter existed, and its measured figures are of that build."""
+    pack_sequences: bool = False
+    """Train on packed batches (:class:`~lit_safety.modules.base.CausalLMModule`'s ``pack_sequences``:
+    the same loss with less compute, not the same bits). ``False``: the published variant was built on
+    padded batches, before packing existed, and its measured figures are of that build."""
     steps: int = 150
     learning_rate: float = 3e-5
     batch_size: int = 8
@@ -162,7 +166,7 @@ def build_aligned(name: str, root: Path, *, log_line=_stderr) -> Path:
              f"batch {recipe.batch_size} x {recipe.max_length}, benign share {recipe.benign_ratio:g}")
     L.seed_everything(recipe.seed, verbose=False)
     module = SafetyInterventionModule(model=recipe.base, intervention="full", learning_rate=recipe.learning_rate,
-                                      output_dir=str(root))
+                                      pack_sequences=recipe.pack_sequences, output_dir=str(root))
     data = RefusalDataModule(tokenizer=recipe.base, data_path=str(refusals), benign_path=str(benign),
                              benign_ratio=recipe.benign_ratio, drop_refusing_benign=recipe.drop_refusing_benign,
                              num_samples=max(1, round(len(pairs) * (1 - recipe.benign_ratio) / recipe.benign_ratio)),

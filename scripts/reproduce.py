@@ -165,6 +165,10 @@ class Settings:
     """Harmful prompts the SET mask's ESI scores (the module's ``esi_num_samples``)."""
     save_models: bool = False
     """Save every model trained with a chosen setting (HF format, with its mask) under ``<out>-models/``."""
+    pack_sequences: bool = True
+    """Train SET and SPA on each batch's sequences packed without padding (the module's
+    ``pack_sequences``: the same loss, less compute); False trains on padded batches, as every run
+    before that option did."""
 
     @classmethod
     def quick(cls) -> Settings:
@@ -389,7 +393,8 @@ def intervention_module(name: str, intervention: str, selection: str, ratio: flo
     return SafetyInterventionModule(model=name, intervention=intervention, selection=config, learning_rate=lr,
                                     weight_decay=weight_decay, output_dir=str(workdir), save_model=False,
                                     overwrite=True,  # scratch under .<out>.work: a rerun replaces it
-                                    esi_data_path=s.esi_data, esi_num_samples=s.set_esi_prompts)
+                                    esi_data_path=s.esi_data, esi_num_samples=s.set_esi_prompts,
+                                    pack_sequences=s.pack_sequences)
 
 
 def train(name: str, intervention: str, method: str, ratio: float, lr: float, steps: int, seed: int,
@@ -911,7 +916,7 @@ def plot_set_tradeoff(sweep: list[dict], best: list[dict], s: Settings, path: Pa
 
 OVERRIDES = ("n_eval", "set_steps", "spa_steps", "ratio", "scope", "objective", "include_lm_head", "all_parameters",
              "set_benign_ratios", "set_over_refusal_budget", "set_data", "set_benign_data", "spa_lr", "spa_ratio",
-             "spa_weight_decay", "spa_harmful_ratio", "spa_response_prefix", "spa_data")
+             "spa_weight_decay", "spa_harmful_ratio", "spa_response_prefix", "spa_data", "pack_sequences")
 """Settings fields with a command-line option of the same name (``--set-data`` sets ``set_data``)."""
 TRAINED = (*SELECTIONS, "full")
 
@@ -957,6 +962,9 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, S
                              "(e.g. --seeds 1 --out outputs/run-s1); their runs are added, so every table reports the "
                              "mean and std over all seeds. A seed already in --out, a different chosen SET setting, or "
                              "a different 'before' measurement is an error")
+    parser.add_argument("--no-pack-sequences", dest="pack_sequences", action="store_false", default=None,
+                        help="train SET and SPA on padded batches, as runs before packing did (default: packed, "
+                             "the same loss with less compute)")
     mask = parser.add_argument_group("weight selection")
     mask.add_argument("--ratio", type=float, default=None,
                       help="share of the weights perturbed and trained by SET (default 0.01)")

@@ -345,3 +345,104 @@ def test_unwritable_output_dir_fails_at_construction(read_only_dir):
     with pytest.raises(PermissionError) as info:
         SafetyInterventionModule(model="organism-moe-aligned", output_dir=str(read_only_dir / "out"))
     assert str(info.value).startswith(f"output_dir {read_only_dir / 'out'}: cannot create files in {read_only_dir} (")
+
+
+# -- packed training loss ---------------------------------------------------------------------------
+def _refusal_batch(name, layout):
+    from lit_safety.data.chat import collate_left_padded, collate_right_padded
+
+    data = RefusalDataModule(tokenizer=name, num_samples=16, benign_ratio=0.5, batch_size=8, max_length=512,
+                             val_fraction=0.0)
+    data.setup("fit")
+    features = data.train_data[:8]
+    collate = collate_left_padded if layout == "left" else collate_right_padded
+    return collate(features, data.pad_id), features
+
+
+def _alone_loss(model, features):
+    """The batch loss from each sequence run alone, unpadded: summed token losses over all supervised labels."""
+    total, count = 0.0, 0
+    for feature in features:
+        ids = torch.tensor([feature["input_ids"]])
+        labels = torch.tensor(feature["labels"][1:])
+        logits = model(input_ids=ids).logits[0, :-1]
+        supervised = labels != -100
+        total = total + torch.nn.functional.cross_entropy(logits[supervised], labels[supervised], reduction="sum")
+        count += int(supervised.sum())
+    return total / count
+
+
+class _IgnoresPositions(torch.nn.Module):
+    """A causal LM that ignores ``position_ids``: sequences packed into one row attend to each other."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, use_cache=None,
+                logits_to_keep=0, inputs_embeds=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=use_cache,
+                          logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds)
+
+
+@pytest.mark.parametrize("name", ["organism-dense-unaligned:tiny", "organism-moe-unaligned:tiny"])
+@pytest.mark.parametrize("layout", ["right", "left"])
+def test_packed_loss_and_gradients_match_each_sequence_alone(name, layout):
+    from lit_safety.models.loading import load_model
+    from lit_safety.modules.base import packed_lm_loss, packing_isolates
+
+    torch.manual_seed(0)
+    model = load_model(name).train()
+    batch, features = _refusal_batch(name, layout)
+    assert len({len(f["input_ids"]) for f in features}) > 1  # padding to remove
+    assert packing_isolates(model, batch)
+    reference = _alone_loss(model, features)
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = packed_lm_loss(model, batch)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6, msg=n)
+    if layout == "right":  # the model's own loss on the padded batch (left padding shifts its positions)
+        assert model(**batch).loss.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_packing_is_refused_where_packed_sequences_attend_to_each_other():
+    from lit_safety.models.loading import load_model
+    from lit_safety.modules.base import CausalLMModule, packed_lm_loss, packing_isolates
+
+    name = "organism-dense-unaligned:tiny"
+    leaky = _IgnoresPositions(load_model(name))
+    batch, features = _refusal_batch(name, "right")
+    assert not packing_isolates(leaky, batch)
+    reference = _alone_loss(leaky.inner, features).item()
+    assert abs(packed_lm_loss(leaky, batch).item() - reference) > 1e-3  # what packing would have trained on
+    module = CausalLMModule(model=name)
+    module.model = leaky
+    with pytest.warns(UserWarning, match="attend to each other"):
+        loss = module._lm_loss(batch)
+    assert module._packing is False and loss.item() == pytest.approx(reference, rel=1e-5)
+    module = CausalLMModule(model=name)
+    module.model = leaky.inner
+    assert module._lm_loss(batch).item() == pytest.approx(reference, rel=1e-5) and module._packing is True
+
+
+def test_packed_and_padded_training_give_the_same_set_weights(tmp_path, original):
+    trained = {}
+    for pack in (True, False):
+        L.seed_everything(0)
+        module = SafetyInterventionModule(model=MODEL, intervention="set", selection=SelectionConfig(ratio=0.02),
+                                          learning_rate=1e-2, pack_sequences=pack, output_dir=str(tmp_path / str(pack)))
+        fit(module, RefusalDataModule(tokenizer=MODEL, num_samples=64, benign_ratio=0.5, batch_size=8), steps=4)
+        assert module._packing is (True if pack else None)
+        trained[pack] = weights(tmp_path / str(pack))
+    moved = 0
+    for name, before in original.items():
+        torch.testing.assert_close(trained[True][name], trained[False][name], rtol=1e-4, atol=1e-5, msg=name)
+        moved += int((trained[True][name] != before).sum())
+    assert moved > 0

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_safety.data.chat import IGNORE_INDEX
+from lit_safety.generation import accepts_argument
 from lit_safety.io import DirectoryLock, claim_output_dir, config_dict
 from lit_safety.models.loading import load_model, load_tokenizer, resolve_dtype
 from lit_safety.optim.precision import check_float32_master
@@ -33,6 +34,14 @@ class CausalLMModule(L.LightningModule):
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
         gradient_checkpointing: recompute activations in backward to save memory.
+        pack_sequences: compute the training loss on the batch's sequences packed into one row
+            without their padding, with output-layer logits only at the positions whose next token
+            is supervised (:func:`packed_lm_loss`): the same loss as the padded batch's, with less
+            compute and memory (``scripts/bench_train.py``). Used when the model takes
+            ``position_ids`` and ``logits_to_keep``, does not add a router loss, and a check on the
+            first batch finds packed sequences isolated from each other
+            (:func:`packing_isolates`); otherwise, or when off, the model's own loss on the padded
+            batch.
     """
 
     def __init__(
@@ -43,6 +52,7 @@ class CausalLMModule(L.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         gradient_checkpointing: bool = False,
+        pack_sequences: bool = True,
     ) -> None:
         super().__init__()
         resolve_dtype(dtype)  # bad dtype: clear error before any loading
@@ -56,6 +66,8 @@ class CausalLMModule(L.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.gradient_checkpointing = gradient_checkpointing
+        self.pack_sequences = pack_sequences
+        self._packing: bool | None = None  # decided on the first batch with two sequences (packing_isolates)
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
 
@@ -89,8 +101,25 @@ class CausalLMModule(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------------
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._use_packing(batch):
+            return packed_lm_loss(self.model, batch)
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
         return self.model(**inputs).loss
+
+    def _use_packing(self, batch: dict[str, torch.Tensor]) -> bool:
+        if not self.pack_sequences or "labels" not in batch or "attention_mask" not in batch:
+            return False
+        if self._packing is None:
+            if not can_pack(self.model):
+                self._packing = False
+            elif batch["input_ids"].shape[0] < 2:
+                return True  # one sequence: nothing to keep apart
+            else:
+                self._packing = packing_isolates(self.model, batch)
+                if not self._packing:
+                    rank_zero_warn(f"{self.model_name}: sequences packed into one row attend to each other in this "
+                                   "model, so it trains on padded batches (pack_sequences has no effect)")
+        return self._packing
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._lm_loss(batch)
@@ -145,6 +174,63 @@ class CausalLMModule(L.LightningModule):
         check_float32_master(self.model.named_parameters(), what=f"{type(self).__name__} (AdamW)")
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+
+
+def can_pack(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward takes what :func:`packed_lm_loss` and :func:`packing_isolates`
+    pass, and its loss is the token loss alone (a model that adds a router load-balancing loss,
+    ``output_router_logits``, keeps its own loss)."""
+    config = getattr(model, "config", None)
+    return (all(accepts_argument(model, name) for name in ("position_ids", "logits_to_keep", "inputs_embeds"))
+            and hasattr(model, "get_input_embeddings") and not getattr(config, "output_router_logits", False))
+
+
+def pack_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids [1, N], position_ids [1, N], targets [N])``: the batch's tokens where
+    ``attention_mask`` is set, row after row in one row, each row's positions counted from 0, and
+    each token's target the row's next label (``IGNORE_INDEX`` at a row's last token), as the
+    model's own loss shifts them."""
+    keep = batch["attention_mask"].bool()
+    labels = batch["labels"]
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    positions = batch["attention_mask"].long().cumsum(-1) - 1
+    return batch["input_ids"][keep][None], positions[keep][None], targets[keep]
+
+
+def packed_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean next-token cross-entropy over the supervised labels of a padded batch
+    (``input_ids``, ``attention_mask``, ``labels`` with ``IGNORE_INDEX``), as the model's own loss
+    gives it, computed on the sequences packed into one row (:func:`pack_batch`): no padding token
+    is computed, and the output layer runs only at the positions whose next token is supervised.
+    With ``position_ids`` and no attention mask, transformers keeps packed sequences apart by their
+    positions (each restart at 0 begins a new sequence), which :func:`packing_isolates` checks."""
+    input_ids, position_ids, targets = pack_batch(batch)
+    supervised = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=supervised)
+    return torch.nn.functional.cross_entropy(out.logits[0].float(), targets[supervised])
+
+
+def packing_isolates(model: torch.nn.Module, batch: dict[str, torch.Tensor], length: int = 8) -> bool:
+    """Whether packed sequences are kept apart in ``model``: the output-layer logits of a batch's
+    second sequence (its first ``length`` tokens), packed after the first, have a gradient of
+    exactly zero with respect to the first one's input embeddings. Exact in any dtype: an attention
+    weight that the mask zeroes passes no gradient, while a model that lets packed sequences attend
+    to each other (one that ignores ``position_ids`` when it builds its mask) passes some."""
+    rows = [ids[mask.bool()][:length] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    first, second = rows[0], rows[1]
+    positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))])[None].to(first.device)
+    keep = torch.arange(len(first), len(first) + len(second), device=first.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            embeds = model.get_input_embeddings()(torch.cat([first, second])[None]).detach().requires_grad_(True)
+            logits = model(inputs_embeds=embeds, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
+            (grad,) = torch.autograd.grad(logits.float().sum(), embeds)
+    finally:
+        model.train(was_training)
+    return not bool(grad[0, :len(first)].any())
 
 
 class OutputDirClaim:

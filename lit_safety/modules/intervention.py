@@ -65,6 +65,11 @@ class SafetyInterventionModule(OutputDirClaim, CausalLMModule):
         warmup_steps: linear warmup steps (then constant).
         step_in_backward: SET only: apply each parameter's sparse update in its gradient hook and
             free the dense gradient at once (lowest memory; no gradient clipping/accumulation).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        pack_sequences: train on each batch's sequences packed into one row without padding, logits
+            only where a label is supervised: the same loss for less compute
+            (:class:`~lit_safety.modules.base.CausalLMModule`); ``false`` trains on the padded batch,
+            as runs before this option did.
         output_dir: where the HF model, mask and summary go (its parent must exist; checked for
             write access at construction). Published at the end of fit as one unit, which replaces
             an earlier result there as a whole. A resumed run (``--ckpt_path``) writes here, not to
@@ -92,13 +97,14 @@ class SafetyInterventionModule(OutputDirClaim, CausalLMModule):
         warmup_steps: int = 0,
         step_in_backward: bool = False,
         gradient_checkpointing: bool = False,
+        pack_sequences: bool = True,
         output_dir: str = "outputs/intervention",
         save_model: bool = True,
         overwrite: bool = False,
     ) -> None:
         super().__init__(model=model, dtype=dtype, trust_remote_code=trust_remote_code,
                          learning_rate=learning_rate, weight_decay=weight_decay,
-                         gradient_checkpointing=gradient_checkpointing)
+                         gradient_checkpointing=gradient_checkpointing, pack_sequences=pack_sequences)
         if intervention not in INTERVENTIONS:
             raise ValueError(f"intervention must be one of {INTERVENTIONS}, got {intervention!r} (SET on a random "
                              "selection: intervention: set with selection.method: random)")
