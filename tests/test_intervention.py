@@ -383,9 +383,9 @@ class _IgnoresPositions(torch.nn.Module):
         return self.inner.get_input_embeddings()
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, use_cache=None,
-                logits_to_keep=0, inputs_embeds=None):
+                logits_to_keep=0):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=use_cache,
-                          logits_to_keep=logits_to_keep, inputs_embeds=inputs_embeds)
+                          logits_to_keep=logits_to_keep)
 
 
 @pytest.mark.parametrize("name", ["organism-dense-unaligned:tiny", "organism-moe-unaligned:tiny"])

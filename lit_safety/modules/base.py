@@ -181,7 +181,7 @@ def can_pack(model: torch.nn.Module) -> bool:
     pass, and its loss is the token loss alone (a model that adds a router load-balancing loss,
     ``output_router_logits``, keeps its own loss)."""
     config = getattr(model, "config", None)
-    return (all(accepts_argument(model, name) for name in ("position_ids", "logits_to_keep", "inputs_embeds"))
+    return (all(accepts_argument(model, name) for name in ("position_ids", "logits_to_keep"))
             and hasattr(model, "get_input_embeddings") and not getattr(config, "output_router_logits", False))
 
 
@@ -221,14 +221,24 @@ def packing_isolates(model: torch.nn.Module, batch: dict[str, torch.Tensor], len
     first, second = rows[0], rows[1]
     positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))])[None].to(first.device)
     keep = torch.arange(len(first), len(first) + len(second), device=first.device)
+    embeds: list[torch.Tensor] = []
+
+    def leaf(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        embeds.append(output.detach().requires_grad_(True))
+        return embeds[-1]
+
+    # The embeddings are taken in the model's own forward (a hook), not by calling the embedding
+    # layer apart: a sharded model (FSDP2) gathers its weights only in its own forward.
+    hook = model.get_input_embeddings().register_forward_hook(leaf)
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            embeds = model.get_input_embeddings()(torch.cat([first, second])[None]).detach().requires_grad_(True)
-            logits = model(inputs_embeds=embeds, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
-            (grad,) = torch.autograd.grad(logits.float().sum(), embeds)
+            logits = model(input_ids=torch.cat([first, second])[None], position_ids=positions, use_cache=False,
+                           logits_to_keep=keep).logits
+            (grad,) = torch.autograd.grad(logits.float().sum(), embeds[0])
     finally:
+        hook.remove()
         model.train(was_training)
     return not bool(grad[0, :len(first)].any())
 
