@@ -7,8 +7,9 @@ resets the high-water mark with :func:`reset_peak`, and reads :func:`peak_bytes`
 
 Method runs: :func:`run_workers` runs a script once per method in a fresh subprocess (``--worker
 METHOD --result PATH``); :func:`methods_or_work` is the script's entry in either role (the worker
-runs, the parent gets the ``--methods`` comma list, read by :func:`parse_methods`);
-:func:`run_config` is the settings a benchmark records in its JSON output.
+runs, the parent gets the ``--methods`` comma list, read by :func:`parse_methods`), with the
+options :func:`add_method_arguments` adds; :func:`run_config` is the settings a benchmark records in
+its JSON output, :func:`cpu_facts` the machine it ran on.
 """
 
 from __future__ import annotations
@@ -65,6 +66,35 @@ def peak_bytes(reset_worked: bool) -> int:
     if reset_worked:
         return status_kb("VmHWM") * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
+"""/proc/cpuinfo flags of native bf16 units (without them bf16 autocast is emulated, and slow)."""
+
+
+def cpu_facts() -> dict[str, Any]:
+    """The CPU a figure comes from: ``model`` name, ``avx2`` / ``avx512f`` and its ``bf16_units``
+    (:data:`BF16_FLAGS`; empty: no native bf16), from /proc/cpuinfo ("?" and no flags elsewhere)."""
+    flags: set[str] = set()
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            if line.startswith("model name") and model == "?":
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"model": model, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "bf16_units": sorted(f for f in BF16_FLAGS if f in flags)}
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
+    """``--methods`` (a comma list of ``methods``, default all) and the worker-only ``--worker`` /
+    ``--result`` that :func:`run_workers` passes (hidden from ``--help``)."""
+    parser.add_argument("--methods", default=",".join(methods), help=f"comma list of {tuple(methods)}")
+    parser.add_argument("--worker", choices=methods, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
 
 
 def parse_methods(text: str, known: Sequence[str]) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lit_safety.benchmarking import malloc_trim, peak_bytes, reset_peak, rss_bytes
+from lit_safety.benchmarking import cpu_facts, malloc_trim, peak_bytes, reset_peak, rss_bytes
 from lit_safety.io import write_json
 from lit_safety.judges.classifier import ClassifierJudge
 from lit_safety.judges.keyword import KeywordJudge
@@ -71,7 +71,7 @@ def main() -> None:
             results.append({"tokens": tokens, "batch_size": batch, "responses_per_s": speed,
                             "ratio_to_keyword": speed / keyword_speed,
                             "peak_extra_mib": (peak_bytes(reset_ok) - base) / 2**20})
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_facts()["model"]
     print(f"{args.model}{' (int8)' if args.quantize else ''} on {cpu}, {args.threads} threads, {args.n} pairs; keyword judge {keyword_speed:,.0f}/s")
     print(f"{'tokens':>6} {'batch':>5} {'responses/s':>12} {'vs keyword':>11} {'peak MiB':>9}")
     for r in results:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lit_safety.benchmarking import malloc_trim, peak_bytes, reset_peak, rss_bytes
+from lit_safety.benchmarking import cpu_facts, malloc_trim, peak_bytes, reset_peak, rss_bytes
 from lit_safety.data.chat import collate_right_padded, encode_chat
 from lit_safety.evaluation.evaluator import LETTERS, SafetyEvaluator, answer_logprobs
 from lit_safety.evaluation.suite import load_suite
@@ -94,7 +94,7 @@ def main() -> None:
         return [best[i][1] for i in sorted(best)]
 
     same_picks = sum(a == b for a, b in zip(picks(baseline["values"]), picks(measured["values"])))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_facts()["model"]
     vocab = model.get_output_embeddings().weight.shape[0]
     print(f"{args.model} (vocabulary {vocab:,}) on {cpu}, {args.threads} threads: {len(records)} questions, "
           f"{len(tokens)} option sequences of {min(tokens)}-{max(tokens)} tokens (mean {sum(tokens) / len(tokens):.0f}), "

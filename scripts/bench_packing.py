@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from lit_safety.benchmarking import MALLOC_ENV, malloc_trim, methods_or_work, peak_bytes, reset_peak, rss_bytes, \
-    run_config, run_workers
+from lit_safety.benchmarking import MALLOC_ENV, add_method_arguments, cpu_facts, malloc_trim, methods_or_work, \
+    peak_bytes, reset_peak, rss_bytes, run_config, run_workers
 from lit_safety.data.datamodules import RefusalDataModule
 from lit_safety.esi.selection import SelectionConfig, select_weights
 from lit_safety.io import write_json
@@ -96,11 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    add_method_arguments(p, METHODS)
     return p.parse_args(argv)
 
 
@@ -116,9 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         padded, packed = (float(loss_of(m, model, batches[0])) for m in METHODS)
     del model
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    flags = open("/proc/cpuinfo").read()
-    bf16 = "native bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no native bf16"
+    facts = cpu_facts()
+    cpu = facts["model"]
+    bf16 = "native bf16" if facts["bf16_units"] else "no native bf16"
     print(f"{args.model} on {cpu} ({bf16}), {args.threads} threads; batch {args.batch_size} x {args.max_length}: "
           f"{tokens / cells:.0%} of the padded batches' cells are tokens, {supervised / cells:.0%} supervised; "
           f"first batch's loss padded {padded:.6f}, packed {packed:.6f}", flush=True)

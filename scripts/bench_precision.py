@@ -19,31 +19,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from lit_safety.benchmarking import MALLOC_ENV, peak_bytes, reset_peak, rss_bytes
+from lit_safety.benchmarking import MALLOC_ENV, cpu_facts, peak_bytes, reset_peak, rss_bytes
 from lit_safety.organism.training import new_model, training_autocast
 from lit_safety.organism.specs import PRESETS
-
-BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def cpu_flags() -> dict[str, object]:
-    flags: set[str] = set()
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("model name") and model == "?":
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"model": model, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "bf16_units": sorted(f for f in BF16_FLAGS if f in flags)}
-
 
 def measure(precision: str, arch: str, steps: int) -> dict[str, float]:
     """Seconds per training step (after 2 warm-up steps) and peak RSS, in this process."""
@@ -93,7 +74,7 @@ def main() -> None:
                               "--steps", str(args.steps)], env={**os.environ, **MALLOC_ENV},
                              capture_output=True, text=True, check=True)
         results[precision] = json.loads(out.stdout.strip().splitlines()[-1])
-    cpu = cpu_flags()
+    cpu = cpu_facts()
     emulated = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
                 if k in os.environ}
     print(f"CPU: {cpu['model']}; avx2={cpu['avx2']} avx512f={cpu['avx512f']} bf16 units: "

@@ -46,6 +46,7 @@ import torch
 
 from lit_safety.benchmarking import (
     MALLOC_ENV,
+    add_method_arguments,
     malloc_trim,
     methods_or_work,
     reset_peak,
@@ -240,7 +241,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true",
                    help="quick check: " + ", ".join(f"{k}={v}" for k, v in SMALL.items()))
     p.add_argument("--ratio", type=float, default=0.01, help="selected fraction of each decoder matrix")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (dense state is allocated here)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -248,8 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads in each worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
-    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    add_method_arguments(p, METHODS)
     args = p.parse_args(argv)
     if args.small:
         for key, value in SMALL.items():

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from lit_safety.benchmarking import methods_or_work, reset_peak, run_config, run_workers, status_kb
+from lit_safety.benchmarking import add_method_arguments, methods_or_work, reset_peak, run_config, run_workers, status_kb
 from lit_safety.esi.topk import k_from_ratio, select_topk
 
 METHODS = ("ours", "torch_topk", "sampling")
@@ -221,15 +221,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000, help="0 = no embedding matrix")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--ratio", type=float, default=0.01, help="fraction of all scores to select")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
     p.add_argument("--chunk-size", type=int, default=None, help="elements per chunk (ours; default: library's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (GPU memory = allocator peak)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
-    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    add_method_arguments(p, METHODS)
     return p.parse_args(argv)
 
 

@@ -323,7 +323,7 @@ def test_cli_test_writes_report_and_never_a_partial_one(tmp_path, tiny_dense_ali
                      "--data.suite.task_data", data_files["task_data"],
                      "--data.suite.jailbreak_templates", data_files["jailbreak_templates"],
                      "--data.suite.num_benign", "6", "--model.max_new_tokens", "16", "--model.output_dir", str(out),
-                     "--trainer.enable_progress_bar", "false")
+                     "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "logs"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "eval_report.json").read_text())
     metrics = report["stages"][0]["metrics"]
@@ -420,7 +420,8 @@ def test_cli_test_rejects_bad_data_before_loading_the_model(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("target\nSure\n")
     result = run_cli("test", "--config", "configs/eval.yaml", "--model.model", "organism-dense-aligned:tiny",
-                     "--data.suite.harmful_data", str(bad), "--model.output_dir", str(tmp_path / "out"))
+                     "--data.suite.harmful_data", str(bad), "--model.output_dir", str(tmp_path / "out"),
+                     "--trainer.default_root_dir", str(tmp_path / "logs"))
     assert result.returncode != 0
     assert "bad.csv" in result.stderr and "columns are ['target']" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -84,7 +84,7 @@ def test_esi_mask_is_the_same_single_ddp_and_fsdp2(tmp_path, tiny_dense_aligned)
     # count a second time in S.
     common = ["fit", "--config", "configs/esi.yaml", "--model.model", "organism-dense-aligned:tiny",
               "--data.num_samples", "25", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false",
-              "--model.report", "false"]
+              "--model.report", "false", "--trainer.default_root_dir", str(tmp_path / "logs")]
     run_cli(*common, "--model.output_dir", str(tmp_path / "single"))
     run_cli(*common, *CPU_DDP, "--model.output_dir", str(tmp_path / "ddp"))
     run_cli(*common, *CPU_FSDP2, "--model.output_dir", str(tmp_path / "fsdp2"))
@@ -108,7 +108,8 @@ def test_gradient_free_selection_runs_under_ddp(tmp_path, tiny_dense_aligned):
     weights do, and the mask equals the single process's."""
     common = ["fit", "--config", "configs/esi.yaml", "--model.model", "organism-dense-aligned:tiny",
               "--model.selection.method", "magnitude", "--data.num_samples", "4", "--data.batch_size", "2",
-              "--trainer.enable_progress_bar", "false", "--model.report", "false"]
+              "--trainer.enable_progress_bar", "false", "--model.report", "false",
+              "--trainer.default_root_dir", str(tmp_path / "logs")]
     run_cli(*common, "--model.output_dir", str(tmp_path / "single"))
     run_cli(*common, *CPU_DDP, "--model.output_dir", str(tmp_path / "ddp"))
     single = SafetyMask.load(tmp_path / "single" / "mask.safetensors")
@@ -131,7 +132,7 @@ def test_set_and_spa_under_fsdp2_match_single_process(tmp_path, method, tiny_den
     common = ["fit", "--config", config, "--model.model", model_name, "--model.esi_num_samples", "16",
               "--data.num_samples", "64", "--data.batch_size", "4", "--trainer.max_steps", "4",
               "--trainer.enable_progress_bar", "false", "--trainer.use_distributed_sampler", "false",
-              "--trainer.callbacks=[]", "--model.weight_decay", "0.01"]
+              "--trainer.callbacks=[]", "--model.weight_decay", "0.01", "--trainer.default_root_dir", str(tmp_path / "logs")]
     run_cli(*common, "--model.output_dir", str(tmp_path / "single"))
     run_cli(*common, *CPU_FSDP2, "--model.output_dir", str(tmp_path / "fsdp2"))
 
@@ -174,7 +175,7 @@ def test_unsupported_combinations_fail_clearly(tmp_path, tiny_dense_aligned):
         [sys.executable, "-m", "lit_safety.cli", "fit", "--config", "configs/spa.yaml", *CPU_FSDP2,
          "--model.model", "organism-dense-aligned:tiny", "--model.optimizer", "adamw8bit", "--model.esi_num_samples",
          "8", "--data.num_samples", "16", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
-         "--model.output_dir", str(tmp_path / "out")],
+         "--model.output_dir", str(tmp_path / "out"), "--trainer.default_root_dir", str(tmp_path / "logs")],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     assert "adamw8bit (bitsandbytes) does not support FSDP2" in result.stderr

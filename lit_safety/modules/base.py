@@ -37,7 +37,7 @@ class CausalLMModule(L.LightningModule):
         pack_sequences: compute the training loss on the batch's sequences packed into one row
             without their padding, with output-layer logits only at the positions whose next token
             is supervised (:func:`packed_lm_loss`): the same loss as the padded batch's, with less
-            compute and memory (``scripts/bench_train.py``). Used when the model takes
+            compute and memory (``scripts/bench_packing.py``). Used when the model takes
             ``position_ids`` and ``logits_to_keep``, does not add a router loss, and a check on the
             first batch finds packed sequences isolated from each other
             (:func:`packing_isolates`); otherwise, or when off, the model's own loss on the padded
